@@ -1,0 +1,166 @@
+"""Fig. 4 of the paper: malignancy accuracy as the annotations are reduced.
+
+Our k-NN and trained predictors read the store; the end-to-end supervised CNN (the paper's
+"Baseline", :class:`~credanno.bench.supervised.EndToEndClassifier`) trains on the images of
+the patch file the store was embedded from, on exactly the same label subsets
+(:func:`credanno.eval.subsets.label_subset` of the training split, same fraction and seed).
+Curves are mean +/- sd over seeds on a log fraction axis.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from credanno._atomic import atomic_path
+from credanno.bench.paper import PAPER_FIG4
+from credanno.errors import CredannoError
+from credanno.viz.source import DataSource, describe_source, patch_file_of
+
+FIG4_FRACS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass
+class Fig4Result:
+    """Per-seed accuracies (``raw``: series, frac, seed, acc, n_labelled) and the curves."""
+
+    raw: pd.DataFrame
+    data: DataSource
+    store: Path
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def curves(self) -> pd.DataFrame:
+        g = self.raw.groupby(["series", "frac"], sort=False)["acc"]
+        out = g.agg(mean="mean", sd="std", n_seeds="count").reset_index()
+        return out
+
+    def markdown(self) -> str:
+        c = self.curves
+        fracs = sorted(c["frac"].unique())
+        lines = ["| series | " + " | ".join(f"{f * 100:g}%" for f in fracs) + " |",
+                 "|---|" + "---:|" * len(fracs)]
+        for name, g in c.groupby("series", sort=False):
+            cells = []
+            for f in fracs:
+                r = g[np.isclose(g["frac"], f)]
+                if r.empty:
+                    cells.append("")
+                    continue
+                m, s = float(r["mean"].iloc[0]), float(r["sd"].iloc[0])
+                cells.append(f"{m * 100:.2f}" + (f" ± {s * 100:.2f}" if np.isfinite(s) else ""))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def caption(self) -> str:
+        seeds = sorted(int(s) for s in self.raw["seed"].unique())
+        return (f"Data: {self.data.text}. Store {self.store.name}; seeds {list(seeds)}; "
+                + " ".join(self.notes)
+                + " Grey open markers: the paper's published points on real LIDC, for reference only.")
+
+    def figure(self, paper: bool = True):
+        from credanno.viz.figures import annotation_reduction_figure
+
+        ref = None
+        if paper:
+            ref = pd.DataFrame([{"series": s, "frac": f, "acc": a / 100}
+                                for s, f, a in PAPER_FIG4])
+        return annotation_reduction_figure(self.curves, ref, caption=self.caption())
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            self.raw.to_csv(tmp, index=False)
+        return path
+
+
+def _malignancy_rows(results: pd.DataFrame, series: str) -> pd.DataFrame:
+    r = results[results["label"] == "malignancy"]
+    return pd.DataFrame({"series": series, "frac": r["frac"].astype(float).to_numpy(),
+                         "seed": r["seed"].astype(int).to_numpy(),
+                         "acc": r["acc"].astype(float).to_numpy(),
+                         "n_labelled": r["n_labelled"].astype(int).to_numpy()})
+
+
+def cnn_subset_accuracy(patch_file: str | os.PathLike, fracs: Sequence[float],
+                        seeds: Sequence[int], cnn: dict[str, Any] | None = None,
+                        series: str = "end-to-end CNN",
+                        on_config: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """Malignancy accuracy of the end-to-end CNN trained on each (fraction, seed) subset."""
+    from credanno.bench.supervised import EndToEndClassifier
+    from credanno.data.patchfile import read_patch_file
+    from credanno.eval.subsets import label_subset
+
+    ps = read_patch_file(patch_file)
+    split = ps.table["split"].astype(str).to_numpy()
+    tr, te = np.flatnonzero(split == "train"), np.flatnonzero(split == "test")
+    y = ps.table["malignancy"].to_numpy().astype(np.int64)
+    table_train = ps.table.iloc[tr].reset_index(drop=True)
+    test_keep = te[y[te] >= 0]
+    recs = []
+    for frac in fracs:
+        for seed in seeds:
+            rows = tr[label_subset(table_train, frac=frac, seed=int(seed))]
+            clf = EndToEndClassifier(seed=int(seed), n_classes=2, **(cnn or {}))
+            clf.fit(ps.images[rows], y[rows])
+            acc = float((clf.predict(ps.images[test_keep]) == y[test_keep]).mean())
+            recs.append({"series": series, "frac": float(frac), "seed": int(seed), "acc": acc,
+                         "n_labelled": int((y[rows] >= 0).sum())})
+            if on_config:
+                on_config(f"{series}: {frac:g} seed {seed}: {acc * 100:.1f}%")
+    return pd.DataFrame(recs)
+
+
+def run_fig4(store: str | os.PathLike | None = None, fracs: Sequence[float] = FIG4_FRACS,
+             seeds: Sequence[int] = (0, 1, 2), k: int = 50, probe_epochs: int = 100,
+             cnn: dict[str, Any] | None = None, with_cnn: bool = True,
+             data: str | os.PathLike | None = None, device: str = "cpu",
+             progress: bool = False,
+             on_config: Callable[[str], None] | None = None) -> Fig4Result:
+    """Malignancy accuracy over label fractions for k-NN, probes and the end-to-end CNN.
+
+    ``cnn``: keyword arguments of :class:`EndToEndClassifier` (arch, epochs, ...);
+    ``data``: the patch file for the CNN (default: the one the store's provenance names).
+    """
+    from credanno import stores
+    from credanno.eval import knn_sweep, probe_sweep
+    from credanno.viz.tsne import resolve_store
+
+    path = resolve_store(store)
+    seeds = [int(s) for s in seeds]
+    fracs = sorted(float(f) for f in fracs)
+    with stores.open(path) as s:
+        prov = dict(s.provenance)
+        probe_kind = "last4" if "last4" in s.feature_sets else s.feature_sets[0]
+        knn_kind = "cls" if "cls" in s.feature_sets else s.feature_sets[0]
+        n_train = len(s.rows("train"))
+    data_src = describe_source(prov)
+    frames = []
+    knn = knn_sweep(path, ks=[k], fracs=fracs, seeds=seeds, labels=["malignancy"],
+                    kind=knn_kind, progress=progress)
+    frames.append(_malignancy_rows(knn.results, f"ours: {k}-NN"))
+    probe = probe_sweep(path, fracs=fracs, seeds=seeds, kind=probe_kind, epochs=probe_epochs,
+                        device=device, progress=progress)
+    frames.append(_malignancy_rows(probe.results, "ours: trained (G_cls)"))
+    notes = [f"k-NN uses k = {k} (clamped to the labelled images when fewer; "
+             f"{n_train} training images)."]
+    if with_cnn:
+        patch = Path(data) if data is not None else patch_file_of(prov)
+        if patch is None:
+            raise CredannoError(f"cannot find the patch file of store {path} for the "
+                                "end-to-end baseline; pass --data PATH or --no-cnn")
+        arch = (cnn or {}).get("arch", "resnet18")
+        frames.append(cnn_subset_accuracy(patch, fracs, seeds, cnn,
+                                          series=f"end-to-end {arch} (baseline)",
+                                          on_config=on_config))
+        epochs = (cnn or {}).get("epochs", 30)
+        notes.append(f"Baseline: timm {arch} trained end-to-end from random weights on the "
+                     f"same label subsets ({epochs} epochs; the paper's is ResNet-50).")
+    return Fig4Result(raw=pd.concat(frames, ignore_index=True), data=data_src, store=path,
+                      notes=notes)

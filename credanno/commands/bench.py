@@ -1,0 +1,197 @@
+"""``credanno bench``: the paper's tables and figures, and the performance benchmarks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from credanno.errors import CredannoError
+
+_STORE = click.option("--store", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                      help="Feature store (default: the newest under stores/).")
+_SEEDS = click.option("--seeds", default="3", show_default=True,
+                      help="Number of seeds N (seeds 0..N-1), a range 0-4, or a list 0,3,7.")
+_DEVICE = click.option("--device", default="cpu", show_default=True,
+                       help="Device for the trained predictors and the CNN baseline.")
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"3"`` -> [0, 1, 2]; ``"0-4"`` -> [0..4]; ``"0,3,7"`` -> [0, 3, 7]."""
+    try:
+        if "," in text:
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+        elif "-" in text.strip()[1:]:
+            lo, hi = text.split("-", 1)
+            seeds = list(range(int(lo), int(hi) + 1))
+        else:
+            seeds = list(range(int(text)))
+    except ValueError:
+        raise CredannoError(f"--seeds {text!r} is not understood; pass a count (3), a range "
+                            "(0-4) or a list (0,3,7)") from None
+    if not seeds or min(seeds) < 0:
+        raise CredannoError(f"--seeds {text!r} gives no usable seed; pass e.g. --seeds 3")
+    return seeds
+
+
+def parse_fracs(text: str) -> list[float]:
+    try:
+        fracs = [float(f) for f in text.split(",") if f.strip()]
+    except ValueError:
+        raise CredannoError(f"--fracs {text!r} is not understood; pass e.g. 0.01,0.1,1") from None
+    if not fracs or not all(0 < f <= 1 for f in fracs):
+        raise CredannoError(f"--fracs {text!r}: each fraction must be in (0, 1]")
+    return fracs
+
+
+@click.group("bench")
+def bench() -> None:
+    """Reproduce the paper's Table 1, Table 2, Fig. 2 and Fig. 4, and collect the
+    performance benchmarks. Every output names the data it ran on."""
+
+
+@bench.command("table1")
+@_STORE
+@_SEEDS
+@click.option("--probe-epochs", type=int, default=100, show_default=True)
+@_DEVICE
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the table (long format, fractions) as CSV.")
+def table1(store: Path | None, seeds: str, probe_epochs: int, device: str,
+           csv_path: Path | None) -> None:
+    """Table 1: our configurations (mean +/- sd), the majority baseline, the paper's rows."""
+    from credanno.bench.table1 import run_table1
+
+    t1 = run_table1(store, seeds=parse_seeds(seeds), probe_epochs=probe_epochs, device=device,
+                    progress=True)
+    click.echo(t1.header())
+    click.echo("\nTable 1: accuracy (%) - attributes within +/-1, malignancy exact. "
+               "Paper rows: real LIDC-IDRI, as published.\n")
+    click.echo(t1.markdown())
+    click.echo("\n" + t1.exact_markdown())
+    if csv_path:
+        click.echo(f"\nwrote {t1.to_csv(csv_path)}")
+
+
+@bench.command("fig2")
+@_STORE
+@_SEEDS
+@click.option("--probe-epochs", type=int, default=100, show_default=True)
+@_DEVICE
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("results/fig2.png"), show_default=True)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def fig2(store: Path | None, seeds: str, probe_epochs: int, device: str, out: Path,
+         csv_path: Path | None) -> None:
+    """Fig. 2: distribution of the number of correctly predicted attributes."""
+    from credanno.bench.fig2 import fig2_configs, fig2_from_table1
+    from credanno.bench.table1 import run_table1
+    from credanno.viz import save_figure
+
+    t1 = run_table1(store, seeds=parse_seeds(seeds), configs=fig2_configs(),
+                    probe_epochs=probe_epochs, device=device, progress=True)
+    f2 = fig2_from_table1(t1)
+    click.echo(t1.header())
+    click.echo("\nFig. 2: % of test images with n of 8 attributes correct\n")
+    click.echo(f2.markdown())
+    click.echo(f"\nwrote {save_figure(f2.figure(), out)}")
+    if csv_path:
+        click.echo(f"wrote {f2.to_csv(csv_path)}")
+
+
+@bench.command("fig4")
+@_STORE
+@_SEEDS
+@click.option("--fracs", default="0.01,0.02,0.05,0.1,0.2,0.5,1", show_default=True)
+@click.option("--k", type=int, default=50, show_default=True)
+@click.option("--probe-epochs", type=int, default=100, show_default=True)
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Patch file for the CNN baseline (default: the store's own).")
+@click.option("--no-cnn", is_flag=True, help="Leave out the end-to-end CNN baseline.")
+@click.option("--cnn-arch", default="resnet18", show_default=True,
+              help="timm architecture of the end-to-end baseline (paper: resnet50).")
+@click.option("--cnn-epochs", type=int, default=30, show_default=True)
+@click.option("--cnn-size", type=int, default=32, show_default=True,
+              help="Input size of the CNN baseline (paper: 224).")
+@_DEVICE
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("results/fig4.png"), show_default=True)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def fig4(store: Path | None, seeds: str, fracs: str, k: int, probe_epochs: int,
+         data: Path | None, no_cnn: bool, cnn_arch: str, cnn_epochs: int, cnn_size: int,
+         device: str, out: Path, csv_path: Path | None) -> None:
+    """Fig. 4: malignancy accuracy against annotation fraction (log scale)."""
+    from credanno.bench.fig4 import run_fig4
+    from credanno.viz import save_figure
+
+    cnn = {"arch": cnn_arch, "epochs": cnn_epochs, "image_size": cnn_size, "device": device}
+    f4 = run_fig4(store, fracs=parse_fracs(fracs), seeds=parse_seeds(seeds), k=k,
+                  probe_epochs=probe_epochs, cnn=cnn, with_cnn=not no_cnn, data=data,
+                  device=device, progress=True,
+                  on_config=lambda line: click.echo(line, err=True))
+    click.echo(f"Data: {f4.data.text}. Store: {f4.store}.\n")
+    click.echo("Fig. 4: malignancy accuracy (%), mean ± sd over seeds\n")
+    click.echo(f4.markdown())
+    click.echo(f"\nwrote {save_figure(f4.figure(), out)}")
+    if csv_path:
+        click.echo(f"wrote {f4.to_csv(csv_path)}")
+
+
+@bench.command("table2")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Patch file (default: data/phantom.h5).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("results/table2"), show_default=True,
+              help="Folder for the runs and stores the table needs.")
+@click.option("--seeds", default="1", show_default=True)
+@click.option("--preset", default=None, help="Pretraining preset (default: paper on a GPU, "
+              "cpu-tiny otherwise).")
+@click.option("--epochs", type=int, default=None, help="Override the pretraining epochs.")
+@click.option("--init-resnet", type=click.Path(dir_okay=False), default=None,
+              help="Local ImageNet weights for the ResNet.")
+@click.option("--init-vit", type=click.Path(dir_okay=False), default=None,
+              help="Local ImageNet (DINO) weights for the ViT.")
+@click.option("--vit-run", type=click.Path(path_type=Path), default=None,
+              help="Reuse a finished pretraining run for the ViT two-stage row.")
+@click.option("--cnn-epochs", type=int, default=30, show_default=True)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda if available).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def table2(data: Path | None, out: Path, seeds: str, preset: str | None, epochs: int | None,
+           init_resnet: str | None, init_vit: str | None, vit_run: Path | None,
+           cnn_epochs: int, device: str | None, csv_path: Path | None) -> None:
+    """Table 2: encoder (ResNet vs ViT) x strategy (end-to-end vs two-stage) x init."""
+    from credanno.bench.table2 import run_table2
+    from credanno.paths import DEFAULT_PATCH_FILE
+
+    t2 = run_table2(data or DEFAULT_PATCH_FILE, out, seeds=parse_seeds(seeds), preset=preset,
+                    init_resnet=init_resnet, init_vit=init_vit, vit_run=vit_run,
+                    cnn={"epochs": cnn_epochs, "device": device or "cpu"},
+                    pretrain_overrides={"epochs": epochs} if epochs else None, device=device,
+                    progress=True, on_row=lambda line: click.echo(line, err=True))
+    click.echo(f"Data: {t2.data.text}.\n")
+    click.echo("Table 2: malignancy accuracy (%) with all annotations; paper column: real "
+               "LIDC, ResNet-50 / ViT-S/16 at 224 px.\n")
+    click.echo(t2.markdown())
+    if csv_path:
+        click.echo(f"\nwrote {t2.to_csv(csv_path)}")
+
+
+@bench.command("perf")
+@click.option("--quick", is_flag=True, help="Small sizes (seconds, for a smoke test).")
+@click.option("--dir", "bench_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=None, help="Benchmark folder (default: ./benchmarks).")
+@click.option("--only", multiple=True, help="Run only these benchmarks (script names).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def perf(quick: bool, bench_dir: Path | None, only: tuple[str, ...],
+         csv_path: Path | None) -> None:
+    """Run every benchmarks/*.py that defines run(quick) and print one table of ratios."""
+    from credanno._atomic import atomic_path
+    from credanno.bench.perf import perf_markdown, run_perf
+
+    df = run_perf(bench_dir, quick=quick, only=only or None)
+    click.echo(perf_markdown(df))
+    click.echo("\nData: each benchmark builds its own synthetic arrays or stores (see its script).")
+    if csv_path:
+        with atomic_path(csv_path) as tmp:
+            df.to_csv(tmp, index=False)
+        click.echo(f"\nwrote {csv_path}")

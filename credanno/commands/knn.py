@@ -1,0 +1,64 @@
+"""``credanno knn``: k-NN classification of a feature store's test split (paper, section 3.1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+_PATH = click.Path(dir_okay=False, path_type=Path)
+
+
+@click.command("knn")
+@click.option("--store", type=_PATH, default=None,
+              help="Feature store (default: the newest under stores/).")
+@click.option("--train-store", type=_PATH, default=None,
+              help="Take the training rows from this store (same provenance as --test-store).")
+@click.option("--test-store", type=_PATH, default=None,
+              help="Take the test rows from this store.")
+@click.option("--k", "ks", default="50,150,250", show_default=True,
+              help="Numbers of neighbours, comma-separated; all from one search.")
+@click.option("--frac", "fracs", default="1", show_default=True,
+              help="Label fractions of the training images, comma-separated, in (0, 1].")
+@click.option("--n-labels", type=int, default=None,
+              help="Label this many training images instead of a fraction.")
+@click.option("--subset", type=click.Choice(["annotation", "nodule"]), default="annotation",
+              show_default=True, help="Draw labelled images one by one or as whole nodules.")
+@click.option("--stratify", is_flag=True, help="Stratify the labelled subset by malignancy.")
+@click.option("--seeds", default="0-4", show_default=True,
+              help="Subset seeds: a range 0-4, a list 0,3,7 or a count 3.")
+@click.option("--T", "T", type=float, default=0.1, show_default=True,
+              help="Temperature of the exp(sim / T) vote weights (DINO uses 0.07).")
+@click.option("--weighting", type=click.Choice(["exp", "majority"]), default="exp",
+              show_default=True, help="Weighted (exp) or plain majority voting.")
+@click.option("--kind", default="cls", show_default=True, help="Feature set of the store.")
+@click.option("--labels", default=None,
+              help="Labels to evaluate, comma-separated (default: all the store has).")
+@click.option("--block-rows", type=int, default=None,
+              help="Stream the training features from the store in blocks of this many rows.")
+@click.option("--device", default=None, help="cpu, or cuda for a faiss GPU index "
+              "(default: GPU when faiss sees one).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+@click.option("--csv", type=_PATH, default=None, help="Also write the per-seed records as CSV.")
+@click.option("--predictions", type=_PATH, default=None,
+              help="Also write per-test-image predictions and probabilities as CSV.")
+@click.option("--progress/--no-progress", default=False, help="Progress bar on stderr.")
+def knn(store, train_store, test_store, ks, fracs, n_labels, subset, stratify, seeds, T,
+        weighting, kind, labels, block_rows, device, as_json, csv, predictions,
+        progress) -> None:
+    """k-NN classification (cosine similarity, exp(sim/T) votes) of malignancy and the
+    nodule attributes, over label fractions and seeds, from a feature store."""
+    from credanno.errors import CredannoError
+    from credanno.eval.knn import knn_sweep
+    from credanno.eval.options import emit, parse_fracs, parse_ks, parse_labels, parse_seeds
+
+    if store is not None and train_store is not None:
+        raise CredannoError("give --store or --train-store, not both")
+    result = knn_sweep(
+        train_store or store, ks=parse_ks(ks),
+        fracs=parse_fracs(fracs) if n_labels is None else (),
+        seeds=parse_seeds(seeds), labels=parse_labels(labels), mode=subset, T=T,
+        weighting=weighting, kind=kind, progress=progress, n_labels=n_labels,
+        stratify="malignancy" if stratify else None,
+        test_store=test_store, block_rows=block_rows, device=device)
+    click.echo(emit(result, as_json, csv, predictions))

@@ -1,0 +1,311 @@
+"""``credanno embed``: run a frozen encoder over a patch file into a feature store.
+
+The paper evaluates frozen features (k-NN on the final CLS token, linear predictors on the
+last four CLS tokens), so the encoder runs once per (encoder, patch file) and every later
+evaluation reads the store. Rows are written in table order as batches finish; under
+``torchrun`` the batches are dealt round-robin to the ranks, gathered on rank 0 and written
+in the same order, so the store equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from credanno import stores
+from credanno.data.patchfile import file_sha256, read_patch_file
+from credanno.encoders import Encoder, build_encoder
+from credanno.errors import CredannoError
+from credanno.paths import DEFAULT_PATCH_FILE, STORES_DIR
+
+WHICH = ("teacher", "student", "random")
+
+
+@dataclass(frozen=True)
+class ViewAugmentation:
+    """Label-preserving views of a grey patch for probe training without the encoder.
+
+    A nodule has no canonical orientation, so each view is a random horizontal flip, a
+    random multiple of 90 degrees of rotation and a shift of up to ``max_shift`` px (reflect
+    padding) -- the geometric part of DINO's augmentations, without the photometric part that
+    would change attribute ratings such as calcification or texture. Parameters are drawn
+    from ``(seed, row, view)``, so a view does not depend on batching or on the rank.
+    """
+
+    max_shift: int = 2
+    seed: int = 0
+
+    def params(self, row: int, view: int) -> tuple[bool, int, int, int]:
+        rng = np.random.default_rng((self.seed, int(row), int(view)))
+        flip = bool(rng.integers(2))
+        quarter_turns = int(rng.integers(4))
+        dy, dx = (int(v) for v in rng.integers(-self.max_shift, self.max_shift + 1, size=2))
+        return flip, quarter_turns, dy, dx
+
+    def __call__(self, images: torch.Tensor, rows: np.ndarray, view: int) -> torch.Tensor:
+        """``images`` (B, H, W) of table rows ``rows`` -> their view number ``view``."""
+        s = self.max_shift
+        out = torch.empty_like(images)
+        for i, row in enumerate(rows):
+            flip, k, dy, dx = self.params(row, view)
+            x = images[i]
+            if flip:
+                x = x.flip(-1)
+            x = torch.rot90(x, k, dims=(-2, -1))
+            if s:
+                h, w = x.shape[-2:]
+                padded = F.pad(x[None, None], (s, s, s, s), mode="reflect")[0, 0]
+                x = padded[s + dy:s + dy + h, s + dx:s + dx + w]
+            out[i] = x
+        return out
+
+
+@dataclass
+class _Ranks:
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False
+    device: torch.device = torch.device("cpu")
+
+
+def _init_ranks(device: torch.device) -> _Ranks:
+    """Join the ``torchrun`` process group if there is one (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Ranks(device=device)
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        owns = True
+    return _Ranks(dist.get_rank(), dist.get_world_size(), owns, device)
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CredannoError("--device cuda was asked for but no CUDA GPU is visible; "
+                            "use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise CredannoError(f"unknown device {device!r}; use cpu or cuda") from None
+
+
+def _encoder_spec(checkpoint: str | os.PathLike | None, encoder: str | None) -> str:
+    if checkpoint is not None and encoder is not None:
+        raise CredannoError("pass either --checkpoint or --encoder, not both")
+    if encoder is not None:
+        return encoder
+    return f"checkpoint:{checkpoint}" if checkpoint is not None else "checkpoint:"
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    # bf16 keeps fp32's range, so no loss scaling; features are cast back to fp32.
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + batch_size, n)) for a in range(0, n, batch_size)]
+
+
+class _Packer:
+    """Flattens one batch's features (and views of its training rows) into one tensor.
+
+    One fixed-shape tensor per batch is what ``all_gather`` needs; rank 0 unpacks it.
+    """
+
+    def __init__(self, dims: dict[str, int], n_views: int, batch_size: int) -> None:
+        self.dims = dims
+        self.n_views = n_views
+        self.batch_size = batch_size
+        self.width = sum(dims.values()) * (1 + n_views)
+
+    def pack(self, feats: dict[str, torch.Tensor], views: dict[str, torch.Tensor] | None,
+             train: np.ndarray, device: torch.device) -> torch.Tensor:
+        out = torch.zeros(self.batch_size, self.width, device=device)
+        col = 0
+        b = next(iter(feats.values())).shape[0]
+        for kind, d in self.dims.items():
+            out[:b, col:col + d] = feats[kind]
+            col += d
+        if self.n_views and views is not None:
+            idx = torch.as_tensor(np.flatnonzero(train), device=device)
+            for kind, d in self.dims.items():
+                v = views[kind]  # (V, n_train_in_batch, D)
+                block = v.permute(1, 0, 2).reshape(v.shape[1], -1)
+                out[idx, col:col + d * self.n_views] = block
+                col += d * self.n_views
+        return out
+
+    def unpack(self, packed: torch.Tensor, b: int, train: np.ndarray
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        arr = packed.cpu().numpy()
+        feats, views = {}, {}
+        col = 0
+        for kind, d in self.dims.items():
+            feats[kind] = arr[:b, col:col + d]
+            col += d
+        if self.n_views:
+            rows = np.flatnonzero(train)
+            for kind, d in self.dims.items():
+                block = arr[rows, col:col + d * self.n_views]
+                views[kind] = block.reshape(len(rows), self.n_views, d).transpose(1, 0, 2)
+                col += d * self.n_views
+        return feats, views
+
+
+def _encode_batch(enc: Encoder, images: torch.Tensor, rows: np.ndarray, train: np.ndarray,
+                  n_views: int, augment: ViewAugmentation, device: torch.device
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    with torch.no_grad(), _autocast(device):
+        feats = enc(images)
+        views = None
+        if n_views and train.any():
+            train_images = images[torch.as_tensor(np.flatnonzero(train), device=device)]
+            per_view = [enc(augment(train_images, rows[train], v)) for v in range(n_views)]
+            views = {k: torch.stack([pv[k] for pv in per_view]) for k in feats}
+    return feats, views
+
+
+def _rounds(n_batches: int, world: int) -> Iterator[int]:
+    yield from range(0, n_batches, world)
+
+
+def embed(data: str | os.PathLike = DEFAULT_PATCH_FILE,
+          checkpoint: str | os.PathLike | None = None, encoder: str | None = None,
+          weights: str | os.PathLike | None = None, which: str = "teacher",
+          out: str | os.PathLike | None = None, batch_size: int = 256,
+          device: str | None = None, views: int = 0, progress: bool = False, *,
+          encoder_kwargs: dict[str, Any] | None = None, dtype: str = "float32",
+          view_seed: int = 0, max_shift: int = 2) -> Path:
+    """Embed every image of the patch file ``data`` into a feature store; returns its path.
+
+    With no encoder named, the newest ``credanno pretrain`` run's teacher is used (as DINO
+    and the paper evaluate). ``encoder`` is ``"timm:ARCH"`` (random init, or ``weights``
+    from a local file; ``encoder_kwargs`` go to ``timm.create_model``) or ``"pixels"``.
+    ``views=V`` also stores V augmented views (:class:`ViewAugmentation`) of every training
+    image. The default output is ``stores/<run-or-encoder name>.h5`` (with the patch file's
+    name appended when it is not the default one).
+    """
+    if which not in WHICH:
+        raise CredannoError(f"unknown --which {which!r}; choose one of {', '.join(WHICH)}")
+    if int(batch_size) < 1:
+        raise CredannoError(f"--batch-size must be >= 1, got {batch_size}")
+    if int(views) < 0:
+        raise CredannoError(f"--views must be >= 0, got {views}")
+    spec = _encoder_spec(checkpoint, encoder)
+    if which != "teacher" and not spec.startswith("checkpoint:"):
+        raise CredannoError("--which applies to --checkpoint encoders; for timm:ARCH leave "
+                            "out --weights for random weights")
+    dev = _resolve_device(device)
+    data = Path(data)
+    patches = read_patch_file(data)
+    images, table = patches.images, patches.table
+    if images.ndim != 3 or images.shape[1] != images.shape[2]:
+        raise CredannoError(f"{data} holds images of shape {images.shape[1:]}; embed needs "
+                            "square patches")
+    enc = build_encoder(spec, weights=weights, which=which, image_size=int(images.shape[1]),
+                        kwargs=encoder_kwargs)
+    ranks = _init_ranks(dev)
+    try:
+        return _embed(enc, data, images, table, out, int(batch_size), ranks, int(views),
+                      progress, dtype, ViewAugmentation(max_shift=max_shift, seed=view_seed))
+    finally:
+        if ranks.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _default_out(enc: Encoder, data: Path) -> Path:
+    name = enc.name
+    if data.resolve() != DEFAULT_PATCH_FILE.resolve():
+        name += f"-{data.stem}"
+    return STORES_DIR / f"{name}.h5"
+
+
+def _embed(enc: Encoder, data: Path, images: np.ndarray, table: Any, out: Any,
+           batch_size: int, ranks: _Ranks, n_views: int, progress: bool, dtype: str,
+           augment: ViewAugmentation) -> Path:
+    dev = ranks.device
+    out = Path(out) if out is not None else _default_out(enc, data)
+    enc.to(dev)
+    n = len(table)
+    train = table["split"].astype(str).to_numpy() == "train"
+    batches = _batches(n, batch_size)
+    precision = "bf16-autocast" if dev.type == "cuda" else "fp32"
+    provenance = {
+        "encoder": enc.provenance,
+        "patch_file": {"path": str(data), "sha256": file_sha256(data), "n_images": n,
+                       "image_size": int(images.shape[1])},
+        "transform": enc.transform.to_dict() if enc.transform is not None else None,
+        "feature_sets": enc.definitions,
+        "views": ({"n": n_views, "augmentation": asdict(augment), "rows": "train"}
+                  if n_views else None),
+        "precision": precision,
+    }
+    packer = _Packer(enc.feature_sets, n_views, batch_size)
+    comm_dev = dev if dev.type == "cuda" else torch.device("cpu")
+    writer = (stores.create(out, table, enc.feature_sets, provenance, dtype=dtype,
+                            views=n_views) if ranks.rank == 0 else None)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, unit="img", desc=f"embed {enc.name}",
+               disable=not progress or ranks.rank != 0)
+    try:
+        for first in _rounds(len(batches), ranks.world):
+            mine = first + ranks.rank
+            packed = torch.zeros(batch_size, packer.width, device=comm_dev)
+            if mine < len(batches):
+                a, b = batches[mine]
+                rows = np.arange(a, b)
+                x = torch.from_numpy(images[a:b]).to(dev, non_blocking=True)
+                feats, views = _encode_batch(enc, x, rows, train[a:b], n_views, augment, dev)
+                packed = packer.pack(feats, views, train[a:b], comm_dev)
+            if ranks.world > 1:
+                import torch.distributed as dist
+
+                gathered = [torch.empty_like(packed) for _ in range(ranks.world)]
+                dist.all_gather(gathered, packed)
+            else:
+                gathered = [packed]
+            if writer is None:
+                continue
+            for r, block in enumerate(gathered):
+                if first + r >= len(batches):
+                    break
+                a, b = batches[first + r]
+                feats_np, views_np = packer.unpack(block, b - a, train[a:b])
+                writer.append(feats_np)
+                if n_views and train[a:b].any():
+                    writer.append_views(views_np)
+                bar.update(b - a)
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank returns only once the store exists
+    return out

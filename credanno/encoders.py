@@ -1,0 +1,307 @@
+"""Frozen encoders for ``credanno embed``: a registry keyed by spec, and their feature sets.
+
+Specs (timm-style registry, see :func:`register_encoder`):
+
+- ``checkpoint:PATH`` -- a ``credanno pretrain`` run folder or ``checkpoint.pt``; ``which`` picks
+  the teacher (DINO's and the paper's choice for features), the student, or ``random``
+  (the same architecture, untrained: a baseline);
+- ``timm:ARCH`` -- any timm architecture, randomly initialised (seed 0) or loaded from a
+  local state-dict / safetensors file;
+- ``pixels`` -- the raw flattened patch, the no-learning baseline.
+
+Feature sets (the paper's evaluation, Sec. 3 and its public code):
+
+- ``cls``: the CLS token of the last block after the final LayerNorm -- what k-NN uses;
+- ``last4``: the CLS tokens of the last 4 blocks, each through the final LayerNorm,
+  concatenated (DINO's ``get_intermediate_layers(x, 4)``) -- what the predictors G_exp and
+  G_cls are trained on (1536-d for ViT-S).
+
+Non-ViT timm models give ``cls`` only: their pooled pre-logits features.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from credanno.errors import CredannoError
+from credanno.transforms import EvalTransform
+
+#: The paper's evaluation input: 256 px resize before a 224 px centre crop (DINO's ratio).
+CROP_RATIO = 224 / 256
+N_LAST = 4
+
+FeatureFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+# -- feature sets ---------------------------------------------------------------------------
+
+class ViTFeatures(nn.Module):
+    """``cls`` and ``last4`` of a timm VisionTransformer in one forward pass."""
+
+    def __init__(self, model: nn.Module, n_last: int = N_LAST) -> None:
+        super().__init__()
+        self.model = model
+        self.n_last = min(n_last, len(model.blocks))
+        width = int(model.embed_dim)
+        self.dims = {"cls": width, f"last{N_LAST}": width * self.n_last}
+        self.definitions = {
+            "cls": "CLS token of the last block after the final norm "
+                   f"({type(model).__name__}.norm), {width}-d",
+            f"last{N_LAST}": f"CLS tokens of the last {self.n_last} blocks, each through the "
+                             f"final norm, concatenated in block order, {width * self.n_last}-d",
+        }
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        # timm's forward_intermediates(norm=True) applies the final norm to each block output,
+        # as DINO's get_intermediate_layers does; the last one is forward_features' output.
+        inter = self.model.forward_intermediates(
+            x, indices=self.n_last, norm=True, return_prefix_tokens=True, output_fmt="NLC",
+            intermediates_only=True)
+        cls_tokens = [prefix[:, 0] for _, prefix in inter]
+        return {"cls": cls_tokens[-1], f"last{N_LAST}": torch.cat(cls_tokens, dim=-1)}
+
+
+class PooledFeatures(nn.Module):
+    """``cls`` = the pooled pre-logits features of any timm model built with num_classes=0."""
+
+    def __init__(self, model: nn.Module, probe_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.model = model
+        with torch.no_grad():
+            dim = int(model(torch.zeros(2, *probe_shape)).flatten(1).shape[1])
+        self.dims = {"cls": dim}
+        self.definitions = {"cls": f"pooled pre-logits features of {type(model).__name__}, "
+                                   f"{dim}-d"}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"cls": self.model(x).flatten(1)}
+
+
+class PixelFeatures(nn.Module):
+    """``cls`` = the raw grey patch, flattened (values in [0, 1]): the no-encoder baseline."""
+
+    def __init__(self, image_size: int) -> None:
+        super().__init__()
+        self.dims = {"cls": image_size * image_size}
+        self.definitions = {"cls": f"raw {image_size}x{image_size} patch in [0, 1], "
+                                   "flattened row-major"}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"cls": x.flatten(1).float()}
+
+
+def is_vit(model: nn.Module) -> bool:
+    """A timm ViT with a class token, blocks and a final norm (the paper's encoder family)."""
+    return (hasattr(model, "forward_intermediates") and hasattr(model, "blocks")
+            and getattr(model, "cls_token", None) is not None and hasattr(model, "embed_dim"))
+
+
+def feature_sets_for(model: nn.Module, input_size: int) -> nn.Module:
+    """The feature-set extractor of ``model``: ViT tokens where possible, else pooled."""
+    if is_vit(model):
+        return ViTFeatures(model)
+    return PooledFeatures(model, (3, input_size, input_size))
+
+
+# -- the encoder ----------------------------------------------------------------------------
+
+@dataclass
+class Encoder:
+    """A frozen encoder: grey patches (B, H, W) in [0, 1] -> named feature batches."""
+
+    name: str
+    features: nn.Module
+    transform: EvalTransform | None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def feature_sets(self) -> dict[str, int]:
+        return dict(self.features.dims)
+
+    @property
+    def definitions(self) -> dict[str, str]:
+        return dict(self.features.definitions)
+
+    def to(self, device: str | torch.device) -> Encoder:
+        self.features.to(device).eval()
+        return self
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.transform(images) if self.transform is not None else images
+        out = self.features(x)
+        return {k: v.float() for k, v in out.items()}
+
+
+EncoderFactory = Callable[..., Encoder]
+ENCODERS: dict[str, EncoderFactory] = {}
+
+
+def register_encoder(prefix: str) -> Callable[[EncoderFactory], EncoderFactory]:
+    """Register a factory for specs ``prefix`` or ``prefix:ARG``."""
+    def wrap(fn: EncoderFactory) -> EncoderFactory:
+        ENCODERS[prefix] = fn
+        return fn
+    return wrap
+
+
+def build_encoder(spec: str, *, weights: str | os.PathLike | None = None, which: str = "teacher",
+                  image_size: int = 32, kwargs: dict[str, Any] | None = None) -> Encoder:
+    """Build the frozen encoder named by ``spec`` (see the module docstring), in eval mode."""
+    prefix, _, arg = spec.partition(":")
+    if prefix not in ENCODERS:
+        raise CredannoError(f"unknown encoder {spec!r}; use one of "
+                            f"{', '.join(_SPEC_FORMS.get(p, p) for p in ENCODERS)}")
+    encoder = ENCODERS[prefix](arg, weights=weights, which=which, image_size=image_size,
+                               kwargs=dict(kwargs or {}))
+    encoder.features.eval()
+    for p in encoder.features.parameters():
+        p.requires_grad_(False)
+    return encoder
+
+
+_SPEC_FORMS = {"checkpoint": "checkpoint:runs/NAME", "timm": "timm:ARCH", "pixels": "pixels"}
+
+
+def input_transform(input_size: int, image_size: int) -> EvalTransform:
+    """The evaluation transform for an encoder taking ``input_size`` px inputs.
+
+    Encoders at or below the patches' native size see them resized to their input;
+    larger ones get the paper's upsample-then-centre-crop (256 -> 224 for 224 px input).
+    """
+    if input_size <= image_size:
+        return EvalTransform(resize=input_size, crop=input_size)
+    return EvalTransform(resize=int(round(input_size / CROP_RATIO)), crop=input_size)
+
+
+def model_input_size(model: nn.Module) -> int:
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    if size is not None:
+        return int(size[-1] if isinstance(size, (tuple, list)) else size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return int(cfg.get("input_size", (3, 224, 224))[-1])
+
+
+@register_encoder("checkpoint")
+def checkpoint_encoder(arg: str, *, weights=None, which: str = "teacher", image_size: int = 32,
+                       kwargs: dict[str, Any]) -> Encoder:
+    """A ``credanno pretrain`` encoder (teacher, student or random), with its eval transform."""
+    from credanno.pretrain.checkpoint import latest_run, load_backbone
+
+    if weights is not None:
+        raise CredannoError("--weights is for --encoder timm:ARCH; a checkpoint carries its "
+                            "own weights (choose them with --which)")
+    if kwargs:
+        raise CredannoError("encoder options are for --encoder timm:ARCH; a checkpoint "
+                            "records its own architecture")
+    path = Path(arg) if arg else latest_run()
+    model, info = load_backbone(path, which=which)
+    run_name = info.checkpoint.parent.name if info.checkpoint.name == "checkpoint.pt" \
+        else info.checkpoint.stem
+    name = run_name if which == "teacher" else f"{run_name}-{which}"
+    input_size = info.eval_transform.crop
+    prov = {"kind": "checkpoint", "name": name, **info.to_dict()}
+    if which == "random":
+        prov["init_seed"] = 0
+    return Encoder(name, feature_sets_for(model, input_size), info.eval_transform, prov)
+
+
+@register_encoder("timm")
+def timm_encoder(arg: str, *, weights=None, which: str = "teacher", image_size: int = 32,
+                 kwargs: dict[str, Any]) -> Encoder:
+    """Any timm architecture: random (seed 0) or weights from a local file."""
+    from credanno.data.patchfile import file_sha256
+    from credanno.pretrain.checkpoint import create_backbone
+
+    if not arg:
+        raise CredannoError("--encoder timm needs an architecture: timm:ARCH, e.g. "
+                            "timm:vit_small_patch16_224")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = create_backbone(arg, kwargs)
+    prov: dict[str, Any] = {"kind": "timm", "arch": arg, "kwargs": kwargs, "init_seed": 0,
+                            "which": "random", "weights": None, "weights_sha256": None,
+                            "sha256": None}
+    name = f"timm-{arg}"
+    if weights is not None:
+        wpath = Path(weights)
+        load_weights(model, wpath)
+        sha = file_sha256(wpath)
+        prov.update(which="weights", weights=str(wpath), weights_sha256=sha, sha256=sha)
+        name += f"-{wpath.stem}"
+    else:
+        name += "-random"
+    model.eval()
+    input_size = model_input_size(model)
+    prov["name"] = name
+    return Encoder(name, feature_sets_for(model, input_size),
+                   input_transform(input_size, image_size), prov)
+
+
+@register_encoder("pixels")
+def pixel_encoder(arg: str, *, weights=None, which: str = "teacher", image_size: int = 32,
+                  kwargs: dict[str, Any]) -> Encoder:
+    """The raw patch: a baseline that shows what the encoder adds."""
+    if arg or weights is not None or kwargs:
+        raise CredannoError("the pixels encoder takes no architecture, weights or options; "
+                            "pass just --encoder pixels")
+    prov = {"kind": "pixels", "name": "pixels", "arch": "pixels", "which": "pixels"}
+    return Encoder("pixels", PixelFeatures(image_size), None, prov)
+
+
+_PREFIXES = ("module.", "backbone.", "_orig_mod.", "encoder.")
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Load a local state dict (``.pt``/``.pth``/``.bin``) or ``.safetensors`` into ``model``.
+
+    Wrapped dicts (``state_dict``, ``model``, DINO's ``teacher``) and DDP / DINO key prefixes
+    are unwrapped; classifier heads are ignored since the encoder has none.
+    """
+    if not path.exists():
+        raise CredannoError(f"weights file {path} not found; pass an existing --weights file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch/safetensors raise many types for foreign files
+        raise CredannoError(f"cannot read weights from {path} ({type(exc).__name__}); pass a "
+                            "state-dict .pt/.pth or a .safetensors file") from None
+    if isinstance(state, dict) and state.get("format") == "credanno.dino":
+        raise CredannoError(f"{path} is a credanno pretraining checkpoint; embed it with "
+                            f"--checkpoint {path} instead of --weights")
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CredannoError(f"{path} holds no state dict of tensors; pass a model state dict")
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        if not key.startswith(("head.", "fc.", "classifier.")):
+            cleaned[key] = value
+    try:
+        missing, unexpected = model.load_state_dict(cleaned, strict=False)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise CredannoError(f"weights in {path} do not fit the architecture ({detail}); "
+                            "pass the matching timm:ARCH and size options") from None
+    if missing or unexpected:
+        what = (f"{len(missing)} missing keys (e.g. {missing[0]})" if missing
+                else f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise CredannoError(f"weights in {path} do not fit the architecture: {what}; pass the "
+                            "matching timm:ARCH and size options")

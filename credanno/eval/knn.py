@@ -1,0 +1,440 @@
+"""k-NN classification on frozen features (the paper's section 3.1, experiment (i)).
+
+Features are L2-normalised so that the dot product is the cosine similarity; the
+neighbours of each test feature are searched with FAISS (``IndexFlatIP``, a GPU index
+when faiss sees a GPU) among the *labelled* training features only, and each of the top
+k neighbours votes for its class with weight ``exp(sim / T)`` (T = 0.1 in the paper's
+code, 0.07 in DINO) or with weight 1 (``weighting="majority"``).
+
+Many k are answered from one search with the largest k: votes are accumulated over the
+sorted neighbour list and read off at every requested k. Many labels are answered from
+the same search too, by offsetting each label's classes into one score matrix.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+from credanno.errors import CredannoError, CredannoWarning
+from credanno.labels import label_spec
+
+#: weighting name -> function(similarities (nq, K) sorted descending, T) -> weights (nq, K).
+WEIGHTINGS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {}
+
+
+def register_weighting(name: str):
+    """Register a neighbour-weighting function under ``name`` (timm-style registry)."""
+
+    def deco(fn):
+        WEIGHTINGS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_weighting("exp")
+def exp_weights(sims: np.ndarray, T: float) -> np.ndarray:
+    """``exp(sim / T)`` (DINO's weighted k-NN); scaled per query by ``exp(-max / T)``,
+    which changes neither the vote nor the normalised vote shares but avoids overflow."""
+    s = sims.astype(np.float64, copy=False)
+    return np.exp((s - s[:, :1]) / T)
+
+
+@register_weighting("majority")
+def majority_weights(sims: np.ndarray, T: float) -> np.ndarray:
+    """Every neighbour counts once (plain majority vote)."""
+    return np.ones(sims.shape, dtype=np.float64)
+
+
+def get_weighting(name: str) -> Callable[[np.ndarray, float], np.ndarray]:
+    try:
+        return WEIGHTINGS[name]
+    except KeyError:
+        raise CredannoError(
+            f"unknown weighting {name!r}; choose one of {', '.join(sorted(WEIGHTINGS))}"
+        ) from None
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation into a C-contiguous float32 array (zero rows stay zero)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise CredannoError(f"features must be a 2-D array (rows, dim), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise CredannoError("features contain NaN or Inf; re-run `credanno embed` "
+                            "(the encoder or its checkpoint is broken)")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def check_ks(ks: Iterable[int]) -> list[int]:
+    """Sorted unique positive k; ``k <= 0`` is an error."""
+    ks = sorted({int(k) for k in ks})
+    if not ks:
+        raise CredannoError("no k given; pass e.g. --k 10,20,50")
+    if ks[0] <= 0:
+        raise CredannoError(f"k must be a positive number of neighbours, got {ks[0]}; "
+                            "pass e.g. --k 20")
+    return ks
+
+
+_GPU_RES = None
+
+
+def _use_gpu(faiss, device: str | None) -> bool:
+    if device == "cpu":
+        return False
+    has = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if device is not None and device.startswith("cuda") and not has:
+        raise CredannoError("faiss sees no GPU; install faiss-gpu or pass --device cpu")
+    return has
+
+
+def _flat_ip_index(dim: int, device: str | None, k: int):
+    """An exact inner-product index, moved to the GPU when faiss has one."""
+    import faiss
+
+    index = faiss.IndexFlatIP(dim)
+    # faiss GPU flat search supports k <= 2048; beyond that the CPU index is exact too.
+    if k <= 2048 and _use_gpu(faiss, device):
+        global _GPU_RES
+        if _GPU_RES is None:
+            _GPU_RES = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(_GPU_RES, 0, index)
+    return index
+
+
+def knn_search(bank: np.ndarray, queries: np.ndarray, k: int, *, normalize: bool = True,
+               device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k inner-product neighbours of every query in ``bank`` (exact, FAISS).
+
+    Returns ``(sims, idx)``, both (n_queries, k), sorted by decreasing similarity.
+    ``k`` must not exceed ``len(bank)``.
+    """
+    if normalize:
+        bank, queries = l2_normalize(bank), l2_normalize(queries)
+    else:
+        bank = np.ascontiguousarray(bank, dtype=np.float32)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if bank.shape[1] != queries.shape[1]:
+        raise CredannoError(f"bank has {bank.shape[1]}-d features but queries "
+                            f"{queries.shape[1]}-d; use features of the same kind")
+    if not 0 < k <= len(bank):
+        raise CredannoError(f"k={k} needs 1..{len(bank)} bank rows")
+    index = _flat_ip_index(bank.shape[1], device, k)
+    index.add(bank)
+    sims, idx = index.search(queries, k)
+    return sims, idx.astype(np.int64, copy=False)
+
+
+def knn_search_blocks(blocks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, k: int,
+                      *, normalize: bool = True,
+                      device: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over a bank streamed as ``(row_offset, block)`` pairs.
+
+    Each block is searched on its own and the per-block top-k lists are merged with
+    faiss' ``ResultHeap``, so the result equals one search over the whole bank while
+    only one block is in memory at a time. Indices are global (offset + row in block).
+    """
+    import faiss
+
+    queries = l2_normalize(queries) if normalize else np.ascontiguousarray(queries, np.float32)
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    total = 0
+    for offset, block in blocks:
+        if len(block) == 0:
+            continue
+        block = l2_normalize(block) if normalize else np.ascontiguousarray(block, np.float32)
+        kb = min(k, len(block))
+        sims, idx = knn_search(block, queries, kb, normalize=False, device=device)
+        if kb < k:  # pad so the heap sees a full (nq, k) list; -inf never enters the top-k
+            pad = k - kb
+            sims = np.concatenate([sims, np.full((len(sims), pad), -np.inf, np.float32)], 1)
+            idx = np.concatenate([idx, np.full((len(idx), pad), -1 - offset, np.int64)], 1)
+        heap.add_result(np.ascontiguousarray(sims, np.float32),
+                        np.ascontiguousarray(idx + offset, np.int64))
+        total += len(block)
+    if total < k:
+        raise CredannoError(f"k={k} needs 1..{total} bank rows")
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def knn_vote(sims: np.ndarray, neighbour_labels: np.ndarray, ks: Sequence[int],
+             n_classes: int | Sequence[int], T: float = 0.1, weighting: str = "exp",
+             ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Weighted votes of the sorted neighbour lists, read off at every k in ``ks``.
+
+    ``neighbour_labels`` is (nq, K) for one label or (nq, K, L) for L labels (then
+    ``n_classes`` is a sequence of L class counts). Each label's classes are offset into
+    one (nq, sum C) score matrix, and the votes of neighbours ``[k_prev, k)`` are added
+    with one ``bincount`` per k segment, so all labels and all k cost one pass over
+    the K neighbours. Ties go to the lower class.
+
+    Returns ``{k: (pred, proba)}`` with ``pred`` (nq,) or (nq, L) int64 and ``proba``
+    the vote shares, (nq, C) or a list of L arrays (nq, C_l).
+    """
+    if T <= 0:
+        raise CredannoError(f"temperature T must be > 0, got {T}; the paper uses --T 0.1")
+    single = neighbour_labels.ndim == 2
+    labs = neighbour_labels[..., None] if single else neighbour_labels
+    counts = [int(n_classes)] if single else [int(c) for c in n_classes]
+    nq, K, L = labs.shape
+    if len(counts) != L:
+        raise CredannoError(f"{L} label columns but {len(counts)} class counts")
+    ks = check_ks(ks)
+    if ks[-1] > K:
+        raise CredannoError(f"k={ks[-1]} exceeds the {K} neighbours searched")
+    if labs.size and (labs.min() < 0 or (labs >= np.asarray(counts)).any()):
+        raise CredannoError("neighbour labels must be class indices 0..C-1 "
+                            "(drop rows with missing labels, -1, from the bank)")
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    total = int(offsets[-1])
+    w = get_weighting(weighting)(sims, T)  # (nq, K)
+    # flat score index of every (query, neighbour, label) vote
+    flat = (np.arange(nq, dtype=np.int64)[:, None, None] * total
+            + offsets[:-1][None, None, :] + labs.astype(np.int64))
+    scores = np.zeros(nq * total, dtype=np.float64)
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    start = 0
+    for k in ks:
+        seg = flat[:, start:k, :]
+        segw = np.broadcast_to(w[:, start:k, None], seg.shape)
+        scores += np.bincount(seg.ravel(), weights=segw.ravel(), minlength=nq * total)
+        start = k
+        s = scores.reshape(nq, total)
+        preds, probas = [], []
+        for j in range(L):
+            block = s[:, offsets[j]:offsets[j + 1]]
+            preds.append(block.argmax(axis=1))
+            probas.append(block / block.sum(axis=1, keepdims=True))
+        if single:
+            out[k] = (preds[0], probas[0])
+        else:
+            out[k] = (np.stack(preds, axis=1), probas)
+    return out
+
+
+def knn_classify(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray,
+                 ks: Sequence[int] | int, n_classes: int, T: float = 0.1,
+                 weighting: str = "exp", *, device: str | None = None,
+                 warn: bool = True) -> dict[int, np.ndarray]:
+    """Weighted k-NN predictions for ``queries`` from a labelled ``bank`` (arrays in, out).
+
+    Features are L2-normalised here; bank rows labelled -1 (missing) are left out. Every k
+    in ``ks`` is answered from one search with the largest k; a k larger than the bank is
+    clamped to the bank size with a :class:`CredannoWarning`. Returns ``{k: predictions}``
+    keyed by the requested k.
+    """
+    ks = check_ks([ks] if np.isscalar(ks) else ks)
+    bank_labels = np.asarray(bank_labels).astype(np.int64)
+    keep = bank_labels >= 0
+    bank = np.asarray(bank)[keep]
+    bank_labels = bank_labels[keep]
+    if len(bank) == 0:
+        raise CredannoError("the k-NN bank has no labelled rows; label some training rows")
+    eff = {k: min(k, len(bank)) for k in ks}
+    if warn and ks[-1] > len(bank):
+        warnings.warn(f"k={ks[-1]} is larger than the {len(bank)} labelled bank rows; "
+                      f"clamped to {len(bank)}", CredannoWarning, stacklevel=2)
+    kmax = max(eff.values())
+    sims, idx = knn_search(bank, queries, kmax, device=device)
+    votes = knn_vote(sims, bank_labels[idx], sorted(set(eff.values())), n_classes, T, weighting)
+    return {k: votes[eff[k]][0] for k in ks}
+
+
+def _heap_add(heap, sims: np.ndarray, idx: np.ndarray, k: int) -> None:
+    """Add a (nq, kb <= k) result list to a faiss ResultHeap, padding it to k columns."""
+    if sims.shape[1] < k:
+        pad = k - sims.shape[1]
+        sims = np.concatenate([sims, np.full((len(sims), pad), -np.inf, np.float32)], 1)
+        idx = np.concatenate([idx, np.full((len(idx), pad), -1, np.int64)], 1)
+    heap.add_result(np.ascontiguousarray(sims, np.float32), np.ascontiguousarray(idx, np.int64))
+
+
+def _search_banks(banks: list[np.ndarray], kneed: list[int], queries_n: np.ndarray,
+                  train_n: np.ndarray | None, blocks: Iterable[tuple[int, np.ndarray]] | None,
+                  device: str | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Top-k of the queries in every bank (sorted training-row positions), as training-row
+    positions. In memory: one FAISS search per bank. Streamed: every block is read once
+    and searched for every bank, and per-bank ResultHeaps merge the blocks exactly."""
+    if blocks is None:
+        out = []
+        for rows, k in zip(banks, kneed, strict=True):
+            sims, idx = knn_search(train_n[rows], queries_n, k, normalize=False, device=device)
+            out.append((sims, rows[idx]))
+        return out
+    import faiss
+
+    heaps = [faiss.ResultHeap(len(queries_n), k, keep_max=True) for k in kneed]
+    for offset, block in blocks:
+        block_n = l2_normalize(block)
+        lo_hi = [np.searchsorted(rows, [offset, offset + len(block)]) for rows in banks]
+        for heap, rows, k, (lo, hi) in zip(heaps, banks, kneed, lo_hi, strict=True):
+            if hi <= lo:
+                continue
+            sel = rows[lo:hi]
+            sims, idx = knn_search(block_n[sel - offset], queries_n, min(k, len(sel)),
+                                   normalize=False, device=device)
+            _heap_add(heap, sims, sel[idx], k)
+    out = []
+    for heap in heaps:
+        heap.finalize()
+        out.append((heap.D, heap.I))
+    return out
+
+
+def _label_sizes(train_table, fracs, n_labels) -> list[tuple[float, float | None, int | None]]:
+    """(recorded frac, frac argument, n argument) per label-fraction setting."""
+    n_train = len(train_table)
+    if n_labels is not None:
+        ns = [n_labels] if np.isscalar(n_labels) else list(n_labels)
+        return [(int(n) / n_train, None, int(n)) for n in ns]
+    fracs = [fracs] if np.isscalar(fracs) else list(fracs)
+    if not fracs:
+        raise CredannoError("no label fraction given; pass e.g. --frac 0.01,0.1,1")
+    return [(float(f), float(f), None) for f in fracs]
+
+
+def knn_sweep_arrays(train_x: np.ndarray | None, train_table, test_x: np.ndarray, test_table,
+                     ks: Sequence[int] | int = (20,), fracs: Sequence[float] | float = (1.0,),
+                     seeds: Sequence[int] | int = (0,), labels: Sequence[str] | None = None,
+                     *, n_labels: Sequence[int] | int | None = None, mode: str = "annotation",
+                     stratify: str | bool | None = None, T: float = 0.1,
+                     weighting: str = "exp",
+                     blocks: Callable[[], Iterable[tuple[int, np.ndarray]]] | None = None,
+                     device: str | None = None, n_boot: int = 1000, progress: bool = False,
+                     config: dict | None = None):
+    """k-NN over label fractions x seeds x k x labels from arrays (the sweep's core).
+
+    One FAISS search with the largest k per (fraction, seed) subset (per group of labels
+    with the same labelled rows, normally one), all k and all labels voted from it.
+    ``blocks`` (a callable returning ``(offset, block)`` pairs over the training rows)
+    replaces ``train_x`` for banks larger than memory.
+    """
+    from credanno.eval.results import ConfigPredictions, build_result
+    from credanno.eval.subsets import label_subset, missing_classes, warn_missing_classes
+
+    ks = check_ks([ks] if np.isscalar(ks) else ks)
+    get_weighting(weighting)
+    if T <= 0:
+        raise CredannoError(f"temperature T must be > 0, got {T}; the paper uses --T 0.1")
+    seeds = [int(seeds)] if np.isscalar(seeds) else [int(s) for s in seeds]
+    if labels is None:
+        from credanno.labels import LABEL_NAMES
+        labels = [n for n in LABEL_NAMES if n in train_table.columns]
+    labels = list(labels)
+    specs = [label_spec(n) for n in labels]
+    lab_all = train_table[labels].to_numpy().astype(np.int64)  # (n_train, L)
+    queries_n = l2_normalize(test_x)
+    train_n = l2_normalize(train_x) if (train_x is not None and blocks is None) else None
+    if train_n is None and blocks is None:
+        raise CredannoError("no training features given (train_x or blocks)")
+
+    # 1. subsets and banks (one per group of labels sharing labelled rows)
+    settings = []  # (frac, seed, n_labelled, [(bank rows, label idx list)])
+    absent: dict[tuple[float, str], list[int]] = {}
+    clamped: set[int] = set()
+    for frac, f_arg, n_arg in _label_sizes(train_table, fracs, n_labels):
+        for seed in seeds:
+            subset = label_subset(train_table, frac=f_arg, n=n_arg, mode=mode,
+                                  stratify=stratify, seed=seed)
+            groups: dict[bytes, list[int]] = {}
+            masks = lab_all[subset] >= 0
+            for j in range(len(labels)):
+                groups.setdefault(masks[:, j].tobytes(), []).append(j)
+                gone = missing_classes(lab_all[:, j], lab_all[subset, j])
+                if gone:
+                    absent.setdefault((frac, labels[j]), []).append(seed)
+            banks = []
+            for key, idxs in groups.items():
+                rows = subset[np.frombuffer(key, dtype=bool)]
+                if len(rows) == 0:
+                    raise CredannoError(
+                        f"label fraction {frac:g} (seed {seed}) leaves no labelled rows for "
+                        f"{', '.join(labels[j] for j in idxs)}; use a larger --frac")
+                if ks[-1] > len(rows):
+                    clamped.add(len(rows))
+                banks.append((rows, idxs))
+            settings.append((frac, seed, len(subset), banks))
+    if absent:
+        warn_missing_classes(absent)
+    if clamped:
+        warnings.warn(f"k={ks[-1]} is larger than the labelled bank "
+                      f"({', '.join(map(str, sorted(clamped)))} rows); k clamped to the bank "
+                      "size there", CredannoWarning, stacklevel=2)
+
+    # 2. searches: one per distinct bank with the largest (clamped) k (at fraction 1 every
+    #    seed labels the same rows, so their banks are searched once)
+    unique: dict[bytes, int] = {}
+    for *_, banks in settings:
+        for rows, _ in banks:
+            unique.setdefault(rows.tobytes(), len(unique))
+    distinct = [np.frombuffer(key, dtype=np.int64) for key in unique]
+    kneed = [min(ks[-1], len(rows)) for rows in distinct]
+    found = _search_banks(distinct, kneed, queries_n, train_n,
+                          blocks() if blocks is not None else None, device)
+    searched = iter([found[unique[rows.tobytes()]] for *_, banks in settings
+                     for rows, _ in banks])
+
+    # 3. votes for every k and label from each search
+    configs: list[ConfigPredictions] = []
+    it = settings
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(settings, desc="k-NN", unit="subset", file=None)
+    for frac, seed, n_lab, banks in it:
+        preds: dict[int, dict[str, np.ndarray]] = {k: {} for k in ks}
+        probas: dict[int, dict[str, np.ndarray]] = {k: {} for k in ks}
+        for rows, idxs in banks:
+            sims, idx = next(searched)
+            eff = {k: min(k, len(rows)) for k in ks}
+            votes = knn_vote(sims, lab_all[idx][:, :, idxs], sorted(set(eff.values())),
+                             [specs[j].n_classes for j in idxs], T, weighting)
+            for k in ks:
+                p, pr = votes[eff[k]]
+                for col, j in enumerate(idxs):
+                    preds[k][labels[j]] = p[:, col]
+                    probas[k][labels[j]] = pr[col]
+        for k in ks:
+            configs.append(ConfigPredictions("knn", k, frac, seed, n_lab, preds[k], probas[k]))
+    cfg = {"method": "knn", "ks": ks, "seeds": seeds, "mode": mode, "stratify": stratify,
+           "T": T, "weighting": weighting, "labels": labels, **(config or {})}
+    return build_result(configs, test_table, labels, n_boot=n_boot, config=cfg)
+
+
+def knn_sweep(store_or_path=None, ks: Sequence[int] | int = (20,),
+              fracs: Sequence[float] | float = (1.0,), seeds: Sequence[int] | int = (0,),
+              labels: Sequence[str] | str | None = None, mode: str = "annotation",
+              T: float = 0.1, weighting: str = "exp", kind: str = "cls",
+              progress: bool = False, *, n_labels: Sequence[int] | int | None = None,
+              stratify: str | bool | None = None, test_store=None,
+              block_rows: int | None = None, device: str | None = None,
+              n_boot: int = 1000):
+    """k-NN evaluation of a feature store (default: the newest under ``stores/``).
+
+    Train rows are the store's training split (or ``store_or_path``'s, with test rows from
+    ``test_store``), test rows its test split. ``block_rows`` streams the training
+    features from the store in blocks of that many rows instead of loading them.
+    Returns an :class:`~credanno.eval.results.EvalResult`.
+    """
+    from credanno.eval.data import load_eval_data
+
+    ks = check_ks([ks] if np.isscalar(ks) else ks)
+    if block_rows is not None and int(block_rows) <= 0:
+        raise CredannoError(f"--block-rows must be positive, got {block_rows}")
+    data = load_eval_data(store_or_path, kind, labels, test_store=test_store,
+                          load_train=block_rows is None)
+    try:
+        blocks = (lambda: data.train_blocks(int(block_rows))) if block_rows else None
+        return knn_sweep_arrays(
+            data.train_x, data.train_table, data.test_x, data.test_table, ks, fracs, seeds,
+            data.labels, n_labels=n_labels, mode=mode, stratify=stratify, T=T,
+            weighting=weighting, blocks=blocks, device=device, n_boot=n_boot,
+            progress=progress,
+            config={"kind": kind, "stores": data.paths, "provenance": data.provenance})
+    finally:
+        data.close()

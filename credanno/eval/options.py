@@ -1,0 +1,90 @@
+"""Parsing of the evaluation commands' list options (``--k 10,20,50``, ``--seeds 0-4``).
+
+Plain functions (text in, values out) raising one-line :class:`CredannoError`, shared by
+``credanno knn`` and ``credanno probe``, plus the writing of their outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from credanno.errors import CredannoError
+
+
+def _items(text: str) -> list[str]:
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def parse_ks(text: str) -> list[int]:
+    """``"10,20,50"`` -> [10, 20, 50]; k must be a positive integer."""
+    try:
+        ks = [int(t) for t in _items(text)]
+    except ValueError:
+        raise CredannoError(f"--k {text!r} is not understood; pass e.g. --k 10,20,50") from None
+    if not ks:
+        raise CredannoError("--k is empty; pass e.g. --k 10,20,50")
+    if min(ks) <= 0:
+        raise CredannoError(f"--k {min(ks)}: k must be a positive number of neighbours; "
+                            "pass e.g. --k 20")
+    return ks
+
+
+def parse_fracs(text: str) -> list[float]:
+    """``"0.01,0.1,1"`` -> [0.01, 0.1, 1.0]; each in (0, 1]."""
+    try:
+        fracs = [float(t) for t in _items(text)]
+    except ValueError:
+        raise CredannoError(f"--frac {text!r} is not understood; pass e.g. --frac 0.01,0.1,1"
+                            ) from None
+    if not fracs:
+        raise CredannoError("--frac is empty; pass e.g. --frac 0.01,0.1,1")
+    bad = [f for f in fracs if not 0 < f <= 1]
+    if bad:
+        raise CredannoError(f"--frac {bad[0]:g}: a label fraction must be in (0, 1]; "
+                            "pass e.g. --frac 0.01")
+    return fracs
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-4"`` -> [0..4]; ``"0,3,7"`` -> [0, 3, 7]; ``"3"`` -> [0, 1, 2] (a count, as in
+    ``credanno bench``)."""
+    text = str(text).strip()
+    try:
+        if "," in text:
+            seeds = [int(t) for t in _items(text)]
+        elif "-" in text[1:]:
+            lo, hi = text.split("-", 1)
+            seeds = list(range(int(lo), int(hi) + 1))
+        else:
+            seeds = list(range(int(text)))
+    except ValueError:
+        raise CredannoError(f"--seeds {text!r} is not understood; pass a range (0-4), a list "
+                            "(0,3,7) or a count (3)") from None
+    if not seeds or min(seeds) < 0:
+        raise CredannoError(f"--seeds {text!r} gives no usable seed; pass e.g. --seeds 0-4")
+    return seeds
+
+
+def parse_labels(text: str | None) -> list[str] | None:
+    """``"malignancy,texture"`` -> names (validated later against the store); None = all."""
+    if text is None:
+        return None
+    names = _items(text)
+    if not names:
+        raise CredannoError("--labels is empty; pass e.g. --labels malignancy,texture")
+    return names
+
+
+def emit(result, as_json: bool, csv: Path | None, predictions: Path | None) -> str:
+    """Write the requested files and return the text for stdout."""
+    if csv is not None:
+        result.write_csv(csv)
+    if predictions is not None:
+        result.write_predictions(predictions)
+    if as_json:
+        return result.to_json()
+    parts = [result.to_table()]
+    fig2 = result.fig2_table()
+    if fig2:
+        parts.append(fig2)
+    return "\n\n".join(parts)

@@ -1,0 +1,216 @@
+"""Pretraining configuration: TOML presets shipped with the package, overridden by flags.
+
+A preset file (``credanno/pretrain/presets/<name>.toml``) or ``--config FILE.toml`` groups
+fields into tables (``[model]``, ``[crops]``, ``[optim]``, ``[dino]``, ``[run]``); the tables
+are for reading only, every field name is unique. Flags override fields last. The resolved
+config is saved beside the checkpoint as ``config.json``.
+
+Learning rate convention (DINO's): ``lr`` is the rate *per 256 images*; the optimiser's peak
+rate is ``lr * batch_size / 256``. The paper's 2.5e-4 at batch 128 is therefore ``lr = 5e-4``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from credanno.errors import CredannoError
+from credanno.paths import DEFAULT_PATCH_FILE
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class PretrainConfig:
+    """Every setting of a pretraining run (defaults are the paper's, section 3.1)."""
+
+    preset: str = "paper"
+    # [run]
+    data: str = str(DEFAULT_PATCH_FILE)
+    out: str | None = None
+    seed: int = 0
+    device: str | None = None          # None: cuda if available, else cpu
+    epochs: int = 300
+    batch_size: int = 128              # global batch, over all ranks
+    init: str | None = None            # PATH or timm:NAME (ImageNet DINO weights)
+    monitor_every: int = 0             # k-NN malignancy monitor every N epochs (0 = off)
+    monitor_val_frac: float = 0.2      # fraction of training nodules held out for it
+    monitor_k: int = 20
+    amp: str = "auto"                  # auto | bf16 | fp16 | none
+    compile: bool = False              # torch.compile the student and teacher
+    # [model]
+    arch: str = "vit_small_patch16_224"
+    img_size: int = 224
+    patch_size: int = 16
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm kwargs (depth)
+    drop_path: float = 0.1
+    out_dim: int = 65536               # K, prototypes of the DINO head
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_layers: int = 3
+    norm_last_layer: bool = True
+    eval_resize: int = 256
+    eval_crop: int = 224
+    # [crops]
+    global_size: int = 224
+    local_size: int = 96
+    local_crops: int = 8
+    global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # [optim]
+    lr: float = 5e-4                   # per 256 images; peak = lr * batch_size / 256
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0             # per-parameter gradient-norm clip (0 = off)
+    freeze_last_layer: int = 1
+    # [dino]
+    momentum_teacher: float = 0.996
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr * self.batch_size / 256
+
+    def backbone_kwargs(self) -> dict[str, Any]:
+        """The encoder's timm kwargs (the checkpoint contract; no training-only options).
+
+        ``dynamic_img_size`` lets one encoder see global and local crops (its position
+        embeddings are interpolated per input size).
+        """
+        return {"img_size": self.img_size, "patch_size": self.patch_size,
+                "dynamic_img_size": True, **self.model_kwargs}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> PretrainConfig:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 2, "batch size must be >= 2"),
+            (self.local_crops >= 0, "local crops must be >= 0"),
+            (self.global_size % self.patch_size == 0 and self.local_size % self.patch_size == 0,
+             f"crop sizes {self.global_size}/{self.local_size} must be multiples of the patch "
+             f"size {self.patch_size}"),
+            (self.amp in ("auto", "bf16", "fp16", "none"), "amp must be auto, bf16, fp16 or none"),
+            (self.out_dim >= 2, "out_dim (K) must be >= 2"),
+            (self.lr > 0, "lr must be > 0"),
+            (0 <= self.monitor_val_frac < 1, "monitor_val_frac must be in [0, 1)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise CredannoError(f"invalid pretraining config: {msg}; fix the flag or TOML")
+        return self
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise CredannoError(f"config file {path} not found; pass an existing --config") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CredannoError(f"{path} is not valid TOML ({exc}); fix the file") from None
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        # a table groups fields, except model_kwargs which is itself a table
+        is_group = isinstance(value, dict) and key != "model_kwargs"
+        items = value.items() if is_group else [(key, value)]
+        for k, v in items:
+            flat[k] = v
+    return flat
+
+
+def _apply(cfg: PretrainConfig, values: dict[str, Any], source: str) -> None:
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise CredannoError(f"unknown pretraining setting(s) {unknown} in {source}; "
+                            f"valid ones: {', '.join(FIELDS)}")
+    for key, value in values.items():
+        if value is None and key not in ("out", "device", "init"):
+            continue
+        default = getattr(PretrainConfig(), key)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, dict):
+            ok = isinstance(value, dict)
+            value = dict(value) if ok else value
+        elif isinstance(default, list):
+            ok = isinstance(value, (list, tuple)) and len(value) == 2
+            value = [float(v) for v in value] if ok else value
+        else:
+            ok = value is None or isinstance(value, (str, os.PathLike))
+            value = None if value is None else str(value)
+        if not ok:
+            raise CredannoError(f"setting {key}={value!r} in {source} has the wrong type; "
+                                f"expected a {type(default).__name__}")
+        setattr(cfg, key, value)
+
+
+def default_preset() -> str:
+    """``paper`` where a GPU is present, ``cpu-tiny`` otherwise."""
+    import torch
+
+    return "paper" if torch.cuda.is_available() else "cpu-tiny"
+
+
+def load_config(preset: str | None = None, file: str | os.PathLike | None = None,
+                overrides: dict[str, Any] | None = None) -> PretrainConfig:
+    """Preset (default: :func:`default_preset`) <- ``file`` (TOML) <- ``overrides``."""
+    name = preset or default_preset()
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.exists():
+        raise CredannoError(f"unknown preset {name!r}; choose one of "
+                            f"{', '.join(available_presets())} or pass --config FILE.toml")
+    cfg = PretrainConfig(preset=name)
+    _apply(cfg, _read_toml(path), f"preset {name}")
+    cfg.preset = name
+    if file is not None:
+        _apply(cfg, _read_toml(Path(file)), str(file))
+    if overrides:
+        _apply(cfg, dict(overrides), "the command line")
+    return cfg.validate()
+
+
+def config_from_dict(d: dict[str, Any]) -> PretrainConfig:
+    """Rebuild a config saved in a checkpoint (unknown keys from newer versions ignored)."""
+    cfg = PretrainConfig()
+    for key, value in d.items():
+        if key in FIELDS:
+            setattr(cfg, key, value)
+    return cfg
+
+
+def save_config(cfg: PretrainConfig, path: str | os.PathLike) -> None:
+    from credanno._atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")

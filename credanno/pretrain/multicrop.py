@@ -1,0 +1,184 @@
+"""DINO multi-crop augmentation on batched tensors, so that it runs where the model runs.
+
+Each image gives 2 global crops and ``n_local`` local crops (Caron et al. 2021, section 3;
+the paper's section 3.1): random resized crop (bicubic) and horizontal flip, colour jitter
+(brightness and contrast, p = 0.8; saturation, hue and greyscale are no-ops on grey patches),
+Gaussian blur (p = 1.0 / 0.1 / 0.5 for global 1 / global 2 / local crops) and solarisation
+(p = 0.2 on global 2), then normalisation with the LIDC mean/std and 3 channels.
+
+Randomness is *counter-based*: every random number is a hash of (run seed, epoch, image
+index, crop, parameter), computed with integer tensor ops. An image's crops therefore do not
+depend on the batch it lands in, on the device, or on the number of ranks, which makes
+distributed shards reproduce the single-process batch and resumes bit-exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from credanno.transforms import LIDC_MEAN, LIDC_STD
+
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # as a signed int64
+_M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_M2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors (wrapping arithmetic): a bijective hash."""
+    x = x + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _M1
+    x = (x ^ _shr(x, 27)) * _M2
+    return x ^ _shr(x, 31)
+
+
+def sample_keys(seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
+    """One int64 key per image of this epoch, from which all its crops are drawn."""
+    base = mix64(mix64(torch.tensor([seed], dtype=torch.int64)) + epoch)
+    return mix64(base.to(indices.device) + indices.to(torch.int64) * _M1)
+
+
+def uniforms(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """(len(keys), n) float32 uniforms in [0, 1), a pure function of the keys."""
+    counters = torch.arange(1, n + 1, device=keys.device, dtype=torch.int64) * _M2
+    bits = mix64(keys[:, None] ^ counters[None, :])
+    return _shr(bits, 40).to(torch.float32) / float(1 << 24)
+
+
+@dataclass(frozen=True)
+class CropPolicy:
+    """Probabilities of the photometric augmentations for one kind of crop."""
+
+    blur: float
+    solarize: float = 0.0
+    jitter: float = 0.8
+    flip: float = 0.5
+
+
+#: DINO's policies: global crop 1, global crop 2, every local crop.
+GLOBAL_1 = CropPolicy(blur=1.0)
+GLOBAL_2 = CropPolicy(blur=0.1, solarize=0.2)
+LOCAL = CropPolicy(blur=0.5)
+
+_N_PARAMS = 12  # random numbers drawn per crop
+
+
+class MultiCrop:
+    """Callable ``(images (B, H, W) in [0, 1], keys (B,)) -> list of 2 + n_local crops``.
+
+    Crops are returned crop-major: ``crops[c][b]`` is crop ``c`` of image ``b``, each
+    (B, channels, size, size) and normalised.
+    """
+
+    def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 8,
+                 global_scale: Sequence[float] = (0.4, 1.0),
+                 local_scale: Sequence[float] = (0.05, 0.4),
+                 blur_sigma: Sequence[float] = (0.1, 2.0), brightness: float = 0.4,
+                 contrast: float = 0.4, mean: float = LIDC_MEAN, std: float = LIDC_STD,
+                 channels: int = 3, interpolation: str = "bicubic"):
+        self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
+        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
+        self.blur_sigma = tuple(blur_sigma)
+        self.brightness, self.contrast = brightness, contrast
+        self.mean, self.std, self.channels = mean, std, channels
+        self.interpolation = interpolation
+
+    @property
+    def n_crops(self) -> int:
+        return 2 + self.n_local
+
+    def __call__(self, images: torch.Tensor, keys: torch.Tensor) -> list[torch.Tensor]:
+        x = images if images.ndim == 4 else images.unsqueeze(1)
+        x = x.float()
+        b = x.shape[0]
+        crops = self._group(x, keys, [0, 1], [GLOBAL_1, GLOBAL_2], self.global_size,
+                            self.global_scale).split(b)
+        out = list(crops)
+        if self.n_local:
+            ids = list(range(2, 2 + self.n_local))
+            out += list(self._group(x, keys, ids, [LOCAL] * self.n_local, self.local_size,
+                                    self.local_scale).split(b))
+        return out
+
+    def _group(self, x: torch.Tensor, keys: torch.Tensor, crop_ids: list[int],
+               policies: list[CropPolicy], size: int, scale: tuple[float, float]) -> torch.Tensor:
+        """All crops of one size in one batched pass; rows are crop-major."""
+        b, dev = x.shape[0], x.device
+        ids = torch.tensor(crop_ids, dtype=torch.int64, device=dev)
+        crop_keys = mix64(keys.to(dev)[None, :] + ids[:, None] * _GOLDEN).reshape(-1)
+        u = uniforms(crop_keys, _N_PARAMS)
+
+        def per_row(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, device=dev).repeat_interleave(b)
+
+        src = x.repeat(len(crop_ids), 1, 1, 1)
+        out = self._resized_crop(src, u, size, scale, per_row([p.flip for p in policies]))
+        out = self._jitter(out, u, per_row([p.jitter for p in policies]))
+        out = self._blur(out, u, per_row([p.blur for p in policies]))
+        solar = (u[:, 11] < per_row([p.solarize for p in policies]))[:, None, None, None]
+        out = torch.where(solar & (out >= 0.5), 1.0 - out, out)
+        out = (out - self.mean) / self.std
+        return out.expand(-1, self.channels, -1, -1) if self.channels != 1 else out
+
+    def _resized_crop(self, x: torch.Tensor, u: torch.Tensor, size: int,
+                      scale: tuple[float, float], p_flip: torch.Tensor) -> torch.Tensor:
+        """torchvision's RandomResizedCrop (area ``scale``, ratio 3/4..4/3) + flip, as one
+        affine resampling. Crops wider than the image are clamped rather than redrawn."""
+        area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+        log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
+        ratio = torch.exp(log_ratio)
+        w = torch.sqrt(area * ratio).clamp(max=1.0)
+        h = torch.sqrt(area / ratio).clamp(max=1.0)
+        cx = w + (2 - 2 * w) * u[:, 2] - 1  # crop centre in [-1 + w, 1 - w]
+        cy = h + (2 - 2 * h) * u[:, 3] - 1
+        flip = torch.where(u[:, 4] < p_flip, -1.0, 1.0)
+        zero = torch.zeros_like(w)
+        theta = torch.stack([torch.stack([w * flip, zero, cx], -1),
+                             torch.stack([zero, h, cy], -1)], 1)
+        grid = F.affine_grid(theta, [x.shape[0], 1, size, size], align_corners=False)
+        out = F.grid_sample(x, grid, mode=self.interpolation, padding_mode="border",
+                            align_corners=False)
+        return out.clamp_(0.0, 1.0)
+
+    def _jitter(self, x: torch.Tensor, u: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Brightness and contrast factors in [1 - s, 1 + s], applied in a random order."""
+        apply = (u[:, 5] < p)[:, None, None, None]
+        bright = (1 - self.brightness + 2 * self.brightness * u[:, 6])[:, None, None, None]
+        contr = (1 - self.contrast + 2 * self.contrast * u[:, 7])[:, None, None, None]
+
+        def brightness(t):
+            return (t * bright).clamp(0.0, 1.0)
+
+        def contrast(t):
+            m = t.mean(dim=(1, 2, 3), keepdim=True)
+            return (contr * t + (1 - contr) * m).clamp(0.0, 1.0)
+
+        b_first = (u[:, 8] < 0.5)[:, None, None, None]
+        jittered = torch.where(b_first, contrast(brightness(x)), brightness(contrast(x)))
+        return torch.where(apply, jittered, x)
+
+    def _blur(self, x: torch.Tensor, u: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Separable Gaussian blur with a per-image sigma; a delta kernel where not applied."""
+        lo, hi = self.blur_sigma
+        radius = min(max(1, math.ceil(3 * hi)), x.shape[-1] - 1)
+        sigma = (lo + (hi - lo) * u[:, 10])[:, None]
+        t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)[None, :]
+        kernel = torch.exp(-(t**2) / (2 * sigma**2))
+        kernel = kernel / kernel.sum(dim=1, keepdim=True)
+        delta = (t == 0).to(x.dtype).expand_as(kernel)
+        kernel = torch.where((u[:, 9] < p)[:, None], kernel, delta)
+        n, _, hgt, wid = x.shape
+        y = x.reshape(1, n, hgt, wid)
+        y = F.pad(y, (radius, radius, radius, radius), mode="reflect")
+        y = F.conv2d(y, kernel[:, None, :, None], groups=n)
+        y = F.conv2d(y, kernel[:, None, None, :], groups=n)
+        return y.reshape(n, 1, hgt, wid)

@@ -1,0 +1,244 @@
+"""Read-only, lazy access to a feature store.
+
+Opening a store reads its attributes only; the table and features are read when asked
+for, a split at a time, straight into one preallocated array (rows of a split are a
+contiguous range in table order, so that is usually a single HDF5 read). Each process
+opens its own handle: a :class:`Store` pickled to a worker re-opens the file there, and
+one used after ``fork`` re-opens itself, so HDF5 handles are never shared.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from credanno.errors import CredannoError
+from credanno.labels import LABEL_NAMES, label_spec
+from credanno.stores.schema import SCHEMA, SCHEMA_VERSION, decode_attr, from_json, h5open
+from credanno.table import SPLITS, read_table
+
+_REMAKE = "re-create it with `credanno embed`"
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
+    """Split sorted row indices into contiguous runs: (source start, stop, output offset)."""
+    if len(rows) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(rows)]])
+    return [(int(rows[a]), int(rows[b - 1]) + 1, int(a))
+            for a, b in zip(starts, stops, strict=True)]
+
+
+class Store:
+    """A feature store opened read-only (use :func:`open`)."""
+
+    def __init__(self, path: str | os.PathLike, locking: bool | str | None = None) -> None:
+        self.path = Path(path)
+        self._locking = locking
+        self._file: h5py.File | None = None
+        self._split_col: np.ndarray | None = None
+        self._connect()
+        f = self._h5
+        try:
+            self.schema_version = int(decode_attr(f.attrs["schema_version"]))
+            self.n = int(decode_attr(f.attrs["n_rows"]))
+            dims = from_json(f.attrs["feature_sets"], "feature_sets", self.path)
+            self.default_kind = str(decode_attr(f.attrs.get("default_kind", "cls")))
+            self.n_views = int(decode_attr(f.attrs.get("n_views", 0)))
+            self.provenance: dict[str, Any] = from_json(f.attrs["provenance"], "provenance",
+                                                         self.path)
+            columns = [str(decode_attr(c)) for c in f["table"].attrs.get("columns", [])]
+            feats = f["features"]
+            for kind, dim in dims.items():
+                ds = feats[kind]
+                if ds.shape != (self.n, int(dim)):
+                    raise CredannoError(
+                        f"{self.path}: feature set {kind!r} has shape {ds.shape}, expected "
+                        f"({self.n}, {dim}) (corrupt store); {_REMAKE}")
+        except KeyError as exc:
+            self.close()
+            raise CredannoError(f"{self.path} lacks {exc.args[0] if exc.args else 'a part'} "
+                                f"(damaged or incomplete store); {_REMAKE}") from None
+        except CredannoError:
+            self.close()
+            raise
+        self._dims: dict[str, int] = {k: int(v) for k, v in dims.items()}
+        self._columns = columns
+        self.feature_sets: list[str] = list(self._dims)
+        self.label_names: list[str] = [n for n in LABEL_NAMES if n in columns]
+        self.dim = self._dims.get(self.default_kind, next(iter(self._dims.values()), 0))
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """Dimension of every feature set, e.g. ``{"cls": 384, "last4": 1536}``."""
+        return dict(self._dims)
+
+    # -- handles --------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        path = self.path
+        if not path.exists():
+            raise CredannoError(f"feature store {path} not found; create it with "
+                                "`credanno embed` (or name an existing stores/*.h5)")
+        try:
+            f = h5open(path, "r", self._locking)
+        except OSError as exc:
+            msg = str(exc)
+            if re.search(r"\block(ing)? file|\bflock|file lock", msg, re.IGNORECASE):
+                raise CredannoError(
+                    f"cannot lock {path} for reading ({msg.splitlines()[0]}); on a network "
+                    "filesystem set CREDANNO_HDF5_LOCKING=0 (see docs/stores.md)") from None
+            raise CredannoError(f"{path} is not a readable HDF5 file (truncated or corrupt); "
+                                f"{_REMAKE}") from None
+        schema = decode_attr(f.attrs.get("schema", ""))
+        if schema != SCHEMA:
+            f.close()
+            if schema == "credanno.patches":
+                raise CredannoError(f"{path} is a patch file, not a feature store; embed it "
+                                    f"with `credanno embed --data {path}`")
+            raise CredannoError(f"{path} is not a credanno feature store (schema "
+                                f"{schema or 'missing'}); create one with `credanno embed`")
+        version = int(decode_attr(f.attrs.get("schema_version", 0)))
+        if version > SCHEMA_VERSION:
+            f.close()
+            raise CredannoError(f"{path} has store schema version {version}, newer than this "
+                                f"credanno reads ({SCHEMA_VERSION}); upgrade credanno")
+        self._file = f
+        self._pid = os.getpid()
+
+    @property
+    def _h5(self) -> h5py.File:
+        if self._file is None:
+            raise CredannoError(f"store {self.path} is closed; open it again with stores.open")
+        if self._pid != os.getpid():
+            # After fork the inherited handle belongs to the parent: open our own.
+            self._file = None
+            self._connect()
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self):
+        # Pickling (multiprocessing) sends the path; the worker opens its own handle.
+        return (open_store, (str(self.path), self._locking))
+
+    def __repr__(self) -> str:
+        sets = ", ".join(f"{k} {d}" for k, d in self._dims.items())
+        return f"Store({str(self.path)!r}, n={self.n}, {sets})"
+
+    # -- rows and table -------------------------------------------------------------------
+
+    def _splits(self) -> np.ndarray:
+        if self._split_col is None:
+            self._split_col = self._read(lambda f: f["table"]["split"].asstr()[...])
+        return self._split_col
+
+    def _read(self, fn):
+        try:
+            return fn(self._h5)
+        except (OSError, KeyError) as exc:
+            raise CredannoError(f"cannot read {self.path} ({str(exc).splitlines()[0]}); the "
+                                f"file is damaged; {_REMAKE}") from None
+
+    def rows(self, split: str | None = None) -> np.ndarray:
+        """Row indices (int64, increasing) of ``split`` ("train", "test"; None = all)."""
+        if split is None:
+            return np.arange(self.n, dtype=np.int64)
+        if split not in SPLITS:
+            raise CredannoError(f"unknown split {split!r}; use one of {list(SPLITS)} or None")
+        return np.flatnonzero(self._splits() == split).astype(np.int64)
+
+    def table(self, split: str | None = None, columns: list[str] | None = None) -> pd.DataFrame:
+        """The per-image table (ids, split, labels, ratings) of ``split``, in row order."""
+        rows = self.rows(split)
+        sel = slice(None) if split is None else self._selector(rows)
+        return self._read(lambda f: read_table(f["table"], rows=sel, columns=columns))
+
+    def _selector(self, rows: np.ndarray) -> slice | np.ndarray:
+        runs = _runs(rows)
+        if len(runs) == 1:
+            return slice(runs[0][0], runs[0][1])
+        if not runs:
+            return slice(0, 0)
+        return rows
+
+    def labels(self, name: str, split: str | None = None) -> np.ndarray:
+        """Label ``name`` (0-based int64, -1 = missing) for the rows of ``split``."""
+        label_spec(name)
+        if name not in self._columns:
+            raise CredannoError(f"{self.path} has no {name!r} labels; re-embed from a patch "
+                                "file that has them")
+        sel = self._selector(self.rows(split))
+        return self._read(lambda f: f["table"][name][sel]).astype(np.int64)
+
+    # -- features -------------------------------------------------------------------------
+
+    def _dataset(self, group: str, kind: str) -> h5py.Dataset:
+        if kind not in self._dims:
+            raise CredannoError(f"{self.path} has no feature set {kind!r}; available: "
+                                f"{', '.join(self.feature_sets)}")
+        return self._read(lambda f: f[group][kind])
+
+    def features(self, split: str | None = None, kind: str = "cls") -> np.ndarray:
+        """Features of ``split`` as a float32 (rows, D) array, rows in table order."""
+        rows = self.rows(split)
+        ds = self._dataset("features", kind)
+        out = np.empty((len(rows), ds.shape[1]), dtype=np.float32)
+
+        def read(_f: h5py.File) -> np.ndarray:
+            for start, stop, offset in _runs(rows):
+                ds.read_direct(out, np.s_[start:stop], np.s_[offset:offset + stop - start])
+            return out
+
+        return self._read(read)
+
+    def views(self, split: str = "train", kind: str = "last4") -> np.ndarray | None:
+        """Stored augmented views of the training rows, float32 (V, n_train, D), or None.
+
+        Views exist only for training rows (probe training); None when the store has none.
+        """
+        if split != "train":
+            raise CredannoError(f"views are stored for the training rows only; ask for "
+                                f"split='train', not {split!r}")
+        if kind not in self._dims:
+            raise CredannoError(f"{self.path} has no feature set {kind!r}; available: "
+                                f"{', '.join(self.feature_sets)}")
+        if not self.n_views:
+            return None
+
+        def read(f: h5py.File) -> np.ndarray | None:
+            if kind not in f["views"]:
+                return None
+            ds = f["views"][kind]
+            out = np.empty(ds.shape, dtype=np.float32)
+            if out.size:
+                ds.read_direct(out)
+            return out
+
+        return self._read(read)
+
+
+def open_store(path: str | os.PathLike, locking: bool | str | None = None) -> Store:
+    """Open a feature store read-only; reads attributes only, no feature data.
+
+    ``locking`` overrides HDF5 file locking (default: ``$CREDANNO_HDF5_LOCKING``, else
+    HDF5's own default); pass False on network filesystems whose locks fail.
+    """
+    return Store(path, locking)
