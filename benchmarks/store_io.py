@@ -69,7 +69,7 @@ def _row(metric: str, value: float, reference: float, ratio: float, target: str,
 
 def run(quick: bool = False) -> list[dict]:
     n_rows, dim = (20_000, 384) if quick else (100_000, 384)
-    repeat = 2 if quick else 3
+    repeat = 2 if quick else 5
     table = synthetic_table(n_nodules=n_rows // 4, per_nodule=4, seed=0)
     X = np.random.default_rng(0).standard_normal((n_rows, dim), dtype=np.float32)
     rows = []

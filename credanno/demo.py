@@ -100,11 +100,17 @@ def run_demo(out: str | os.PathLike = "demo", seeds: int | Sequence[int] = 3,
     from credanno.bench.fig4 import run_fig4
     from credanno.bench.table1 import run_table1
     from credanno.embed import embed
+    from credanno.errors import CredannoError
     from credanno.pretrain import load_config, pretrain
     from credanno.viz import save_figure, tsne_figure, tsne_map
 
     out = Path(out)
+    if data is not None and not Path(data).exists():
+        raise CredannoError(f"patch file {data} not found; pass an existing --data or leave it "
+                            "out to prepare the phantom")
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seeds:
+        raise CredannoError("the demo needs at least one seed; pass --seeds 1 or more")
     figures_dir, tables_dir, stores_dir = out / "figures", out / "tables", out / "stores"
     dev = device or _default_device()
     st = _Stages(8, on_stage)
@@ -116,7 +122,6 @@ def run_demo(out: str | os.PathLike = "demo", seeds: int | Sequence[int] = 3,
             cached["prepare"] = True
             return Path(data)
         from credanno.data import prepare, read_patch_file
-        from credanno.errors import CredannoError
 
         path = out / "data" / f"{source}.h5"
         if path.exists():

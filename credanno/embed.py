@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -183,10 +182,6 @@ def _encode_batch(enc: Encoder, images: torch.Tensor, rows: np.ndarray, train: n
     return feats, views
 
 
-def _rounds(n_batches: int, world: int) -> Iterator[int]:
-    yield from range(0, n_batches, world)
-
-
 def embed(data: str | os.PathLike = DEFAULT_PATCH_FILE,
           checkpoint: str | os.PathLike | None = None, encoder: str | None = None,
           weights: str | os.PathLike | None = None, which: str = "teacher",
@@ -210,9 +205,10 @@ def embed(data: str | os.PathLike = DEFAULT_PATCH_FILE,
     if int(views) < 0:
         raise CredannoError(f"--views must be >= 0, got {views}")
     spec = _encoder_spec(checkpoint, encoder)
-    if which != "teacher" and not spec.startswith("checkpoint:"):
-        raise CredannoError("--which applies to --checkpoint encoders; for timm:ARCH leave "
-                            "out --weights for random weights")
+    if not spec.startswith("checkpoint:") and (
+            which == "student" or (which == "random" and weights is not None)):
+        raise CredannoError(f"--which {which} applies to --checkpoint encoders; timm:ARCH is "
+                            "random without --weights and loaded with it")
     dev = _resolve_device(device)
     data = Path(data)
     patches = read_patch_file(data)
@@ -269,7 +265,7 @@ def _embed(enc: Encoder, data: Path, images: np.ndarray, table: Any, out: Any,
     bar = tqdm(total=n, unit="img", desc=f"embed {enc.name}",
                disable=not progress or ranks.rank != 0)
     try:
-        for first in _rounds(len(batches), ranks.world):
+        for first in range(0, len(batches), ranks.world):  # one batch per rank per round
             mine = first + ranks.rank
             packed = torch.zeros(batch_size, packer.width, device=comm_dev)
             if mine < len(batches):

@@ -4,6 +4,18 @@ import pytest
 
 from credanno.errors import CredannoWarning
 
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and CI's cores are shared by other tests."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 #: a 2-block tiny ViT for 1 epoch: the pipeline's plumbing, not its accuracy
 TINY = {"epochs": 1, "model_kwargs": {"depth": 2}, "out_dim": 128, "head_hidden_dim": 64,
         "head_bottleneck_dim": 32, "batch_size": 32, "local_crops": 2, "warmup_epochs": 0}
@@ -44,3 +56,18 @@ def test_demo_end_to_end_tiny(tmp_path, tiny_patch_file):
     assert res2.cached["pretrain"] and res2.cached["embed teacher"]
     assert res2.stores["teacher"].stat().st_mtime_ns == mtime
     assert first < 60
+
+
+def test_demo_bad_inputs(tmp_path, capsys):
+    from credanno.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--out", str(tmp_path / "d"), "--data", str(tmp_path / "missing.h5")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: patch file") and "not found" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d").exists()
+    with pytest.raises(SystemExit):
+        main(["demo", "--seeds", "0"])
+    assert "--seeds" in capsys.readouterr().err

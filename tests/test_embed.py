@@ -22,6 +22,15 @@ TINY = {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 48, "num_heads
 TINY_OPTS = [x for k, v in TINY.items() for x in ("--encoder-option", f"{k}={v}")]
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread; with busy cores, OpenMP spinning costs 100x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _tiny_vit(seed, **extra):
     import timm
 
@@ -174,7 +183,8 @@ def test_embed_errors(tiny_patch_file, tmp_path, monkeypatch, capsys):
         (dict(encoder="dino:vits16"), "unknown encoder 'dino:vits16'"),
         (dict(encoder="timm:"), "needs an architecture"),
         (dict(encoder="timm:not_a_model"), "unknown timm architecture"),
-        (dict(encoder="pixels", which="student"), "--which applies to --checkpoint"),
+        (dict(encoder="pixels", which="student"), "--which student applies to --checkpoint"),
+        (dict(encoder="timm:x", weights="w.pt", which="random"), "applies to --checkpoint"),
         (dict(which="best"), "unknown --which"),
         (dict(encoder="pixels", weights="w.pt"), "takes no architecture, weights"),
         (dict(encoder="pixels", batch_size=0), "--batch-size"),
@@ -228,8 +238,8 @@ def test_torchrun_two_processes_equal_single_process(tiny_patch_file, tmp_path):
     dist_out = tmp_path / "dist.h5"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", str(29400 + os.getpid() % 500), "-m", "credanno", *common,
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",  # picks a free port
+         "--nproc_per_node", "2", "-m", "credanno", *common,
          "--out", str(dist_out)], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("wrote") == 1  # rank 0 alone reports

@@ -307,3 +307,28 @@ def test_probe_sweep_arrays_select_val_and_views():
     assert len(val) == 4 and not set(fit) & set(val) and set(fit) | set(val) == set(range(10, 30))
     with pytest.raises(CredannoError, match="too few"):
         split_validation(np.array([3]), 0.2, seed=0)
+
+
+def test_vectorised_metrics_equal_scalar_ones_and_json_nulls():
+    from credanno.eval.results import ConfigPredictions, build_result
+
+    rng = np.random.default_rng(5)
+    true = rng.integers(0, 4, 50)
+    preds = rng.integers(0, 4, (50, 3))
+    cols = metrics.balanced_accuracy_columns(preds, true)
+    for j in range(3):
+        assert cols[j] == pytest.approx(metrics.balanced_accuracy(preds[:, j], true))
+    t = synthetic_table(n_nodules=20, per_nodule=2, seed=1)
+    test = t[t["split"] == "test"].reset_index(drop=True)
+    p = {"malignancy": test["malignancy"].to_numpy(),
+         "texture": np.clip(test["texture"].to_numpy() + 1, 0, 4)}
+    pr = {k: np.eye(5 if k == "texture" else 2)[v] for k, v in p.items()}
+    r = build_result([ConfigPredictions("knn", 3, 1.0, 0, 10, p, pr)], test,
+                     ["malignancy", "texture"])
+    rec = r.records()
+    assert rec[0]["acc"] == 1.0 and rec[1]["acc"] == 1.0  # texture off by <= 1
+    assert rec[1]["exact_acc"] < 1.0
+    summary = r.records("summary")[0]
+    assert summary["acc_sd"] is None and summary["n_seeds"] == 1  # one seed: no sd
+    import json
+    assert set(json.loads(r.to_json())) == {"results", "summary"}

@@ -146,6 +146,8 @@ def test_presets_and_overrides(tmp_path):
     assert paper.peak_lr == pytest.approx(2.5e-4)          # the paper's lr at batch 128
     assert (paper.eval_resize, paper.eval_crop) == (256, 224)
     tiny = load_config("cpu-tiny")
+    if not torch.cuda.is_available():
+        assert load_config().preset == "cpu-tiny"          # the default without a GPU
     assert tiny.global_size == 32 and tiny.eval_resize == tiny.eval_crop == 32
     assert tiny.backbone_kwargs()["depth"] == 6
     toml = tmp_path / "c.toml"

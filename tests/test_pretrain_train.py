@@ -167,6 +167,13 @@ def test_bad_inputs_are_one_line_errors(small_patch_file, tmp_path, monkeypatch)
         pretrain(tiny_config(small_patch_file, tmp_path / "nan"))
     assert read_checkpoint(tmp_path / "nan")["epoch"] == 1
 
+    def out_of_memory(self, epoch, it, indices):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_mod.Trainer, "train_step", out_of_memory)
+    with pytest.raises(CredannoError, match="out of memory at batch size 8; pass --batch-size 4"):
+        pretrain(tiny_config(small_patch_file, tmp_path / "oom"))
+
 
 def test_monitor_reports_knn_on_training_holdout(small_patch_file, tmp_path):
     pytest.importorskip("credanno.eval.knn")

@@ -93,18 +93,25 @@ def test_float16_and_streaming_with_views(tmp_path, table, feats):
         assert f["features/cls"].dtype == np.float16
 
 
-def test_non_contiguous_splits(tmp_path, table, feats):
+@pytest.mark.parametrize("max_runs", [64, 2])
+def test_non_contiguous_splits(tmp_path, monkeypatch, max_runs):
+    import credanno.stores.reader as reader
+
+    monkeypatch.setattr(reader, "_MAX_RUNS", max_runs)  # 2: the block-wise path
+    monkeypatch.setattr(reader, "_BLOCK_BYTES", 640)  # several blocks of 20 rows
+    table = synthetic_table(n_nodules=100, per_nodule=2, seed=4)
     order = np.random.default_rng(3).permutation(len(table))
     shuffled = table.iloc[order].reset_index(drop=True)
-    x = feats["cls"][order]
+    x = synthetic_features(shuffled, dim=8, seed=5)
     stores.save(tmp_path / "mixed.h5", {"cls": x}, shuffled)
     with stores.open(tmp_path / "mixed.h5") as s:
-        mask = shuffled["split"].to_numpy() == "test"
-        np.testing.assert_array_equal(s.features("test"), x[mask])
-        np.testing.assert_array_equal(s.labels("malignancy", "test"),
-                                      shuffled["malignancy"].to_numpy()[mask])
-        assert list(s.table("train")["annotation_id"]) == list(
-            shuffled["annotation_id"][~mask])
+        for split in ("train", "test"):
+            mask = shuffled["split"].to_numpy() == split
+            np.testing.assert_array_equal(s.features(split), x[mask])
+            np.testing.assert_array_equal(s.labels("malignancy", split),
+                                          shuffled["malignancy"].to_numpy()[mask])
+            pd.testing.assert_frame_equal(
+                s.table(split), shuffled[mask].reset_index(drop=True), check_dtype=False)
 
 
 def test_opening_reads_no_feature_data(store_path, monkeypatch):
@@ -213,6 +220,8 @@ def test_writer_bad_inputs(tmp_path, table, feats, store_path):
         with pytest.raises(CredannoError, match=match):
             action(w)
         assert store_path.read_bytes() == before  # the old store is untouched
+    with pytest.raises(CredannoError, match="overflow float16"):
+        stores.save(tmp_path / "d.h5", {"cls": feats["cls"] * 1e6}, table, dtype="float16")
     with pytest.raises(CredannoError, match="dtype"):
         stores.create(tmp_path / "d.h5", table, {"cls": 8}, dtype="int8")
     with pytest.raises(CredannoError, match="at least one feature set"):
@@ -324,3 +333,38 @@ def test_locking_switch(store_path, monkeypatch):
     assert stores.hdf5_locking() is None
     with stores.open(store_path, locking=False) as s:
         assert s.n > 0
+
+
+def test_compressed_store_is_chunked_by_rows(tmp_path, table, feats):
+    n_train = int((table["split"] == "train").sum())
+    views = {k: np.ones((2, n_train, v.shape[1]), np.float32) for k, v in feats.items()}
+    path = stores.save(tmp_path / "z.h5", feats, table, PROV, views=views, compression="gzip")
+    with h5py.File(path, "r") as f:
+        assert f["features/last4"].compression == "gzip"
+        assert f["features/last4"].chunks[1] == 32
+        assert f["views/cls"].chunks[0] == 1
+    with stores.open(path) as s:
+        np.testing.assert_array_equal(s.features("test", "last4"),
+                                      feats["last4"][table["split"].to_numpy() == "test"])
+        np.testing.assert_array_equal(s.views(kind="cls"), views["cls"])
+
+
+def test_lock_failures_point_to_the_switch(store_path, table, tmp_path, monkeypatch):
+    import credanno.stores.schema as schema
+
+    def no_locks(*a, **k):
+        raise OSError("Unable to synchronously open file (unable to lock file, errno = 37, "
+                      "error message = 'No locks available')")
+
+    monkeypatch.setattr(schema.h5py, "File", no_locks)
+    with pytest.raises(CredannoError, match="CREDANNO_HDF5_LOCKING=0"):
+        stores.open(store_path)
+    with pytest.raises(CredannoError, match="cannot create .*CREDANNO_HDF5_LOCKING=0"):
+        stores.create(tmp_path / "n.h5", table, {"cls": 8})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.h5"]
+
+
+def test_provenance_must_be_json(tmp_path, table, feats):
+    with pytest.raises(CredannoError, match="provenance cannot be stored"):
+        stores.save(tmp_path / "p.h5", {"cls": feats["cls"]}, table, {"model": object()})
+    assert list(tmp_path.iterdir()) == []

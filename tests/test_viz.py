@@ -1,3 +1,5 @@
+import shutil
+
 import numpy as np
 import pytest
 
@@ -133,6 +135,14 @@ def test_describe_source(tmp_path, tiny_patch_file):
     assert via_file.kind == "synthetic"
     assert patch_file_of({"data": {"path": str(tiny_patch_file)}}) == tiny_patch_file
     assert describe_source({}).kind == "unknown"
+    # a relative patch-file path (as `credanno embed` records it) resolves beside the store
+    proj = tmp_path / "proj"
+    (proj / "data").mkdir(parents=True)
+    shutil.copy(tiny_patch_file, proj / "data" / "p.h5")
+    prov = {"patch_file": {"path": "data/p.h5", "sha256": "x"}}
+    assert describe_source(prov).kind == "unknown"
+    assert describe_source(prov, store=proj / "stores" / "s.h5").kind == "synthetic"
+    assert patch_file_of(prov, proj / "stores" / "s.h5") == proj / "data" / "p.h5"
 
 
 def test_tsne_cli(syn_store, tmp_path, cache, capsys):

@@ -62,7 +62,8 @@ class Fig4Result:
         seeds = sorted(int(s) for s in self.raw["seed"].unique())
         return (f"Data: {self.data.text}. Store {self.store.name}; seeds {list(seeds)}; "
                 + " ".join(self.notes)
-                + " Grey open markers: the paper's published points on real LIDC, for reference only.")
+                + " Grey open markers: the paper's published points on real LIDC, for "
+                "reference only.")
 
     def figure(self, paper: bool = True):
         from credanno.viz.figures import annotation_reduction_figure
@@ -140,7 +141,7 @@ def run_fig4(store: str | os.PathLike | None = None, fracs: Sequence[float] = FI
         probe_kind = "last4" if "last4" in s.feature_sets else s.feature_sets[0]
         knn_kind = "cls" if "cls" in s.feature_sets else s.feature_sets[0]
         n_train = len(s.rows("train"))
-    data_src = describe_source(prov)
+    data_src = describe_source(prov, path)
     frames = []
     knn = knn_sweep(path, ks=[k], fracs=fracs, seeds=seeds, labels=["malignancy"],
                     kind=knn_kind, progress=progress)
@@ -151,7 +152,7 @@ def run_fig4(store: str | os.PathLike | None = None, fracs: Sequence[float] = FI
     notes = [f"k-NN uses k = {k} (clamped to the labelled images when fewer; "
              f"{n_train} training images)."]
     if with_cnn:
-        patch = Path(data) if data is not None else patch_file_of(prov)
+        patch = Path(data) if data is not None else patch_file_of(prov, path)
         if patch is None:
             raise CredannoError(f"cannot find the patch file of store {path} for the "
                                 "end-to-end baseline; pass --data PATH or --no-cnn")

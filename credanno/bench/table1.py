@@ -172,7 +172,7 @@ def run_table1(store: str | os.PathLike | None = None, seeds: Sequence[int] = (0
     path = resolve_store(store)
     seeds = tuple(int(s) for s in seeds)
     with stores.open(path) as s:
-        data = describe_source(s.provenance)
+        data = describe_source(s.provenance, path)
         table = s.table()
         probe_kind = "last4" if "last4" in s.feature_sets else s.feature_sets[0]
         knn_kind = "cls" if "cls" in s.feature_sets else s.feature_sets[0]

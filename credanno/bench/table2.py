@@ -18,6 +18,7 @@ and every row names the architecture it actually ran.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,8 @@ def _e2e(data: Path, arch: str, seeds: Sequence[int], cnn: dict[str, Any]) -> li
 
 def _two_stage(data: Path, out: Path, arch_overrides: dict[str, Any], preset: str | None,
                seeds: Sequence[int], pretrain_overrides: dict[str, Any], device: str | None,
-               reuse: str | os.PathLike | None, progress: bool) -> list[float]:
+               reuse: str | os.PathLike | None, probe_epochs: int,
+               progress: bool) -> list[float]:
     from credanno.embed import embed
     from credanno.eval import probe_sweep
     from credanno.pretrain import load_config, pretrain
@@ -104,8 +106,8 @@ def _two_stage(data: Path, out: Path, arch_overrides: dict[str, Any], preset: st
         ckpt = pretrain(cfg, progress=progress).checkpoint
     store = embed(data=data, checkpoint=ckpt, out=out / "teacher.h5", device=device,
                   progress=progress)
-    res = probe_sweep(store, fracs=[1.0], seeds=list(seeds), device=device or "cpu",
-                      progress=progress)
+    res = probe_sweep(store, fracs=[1.0], seeds=list(seeds), epochs=probe_epochs,
+                      device=device or "cpu", progress=progress)
     r = res.results
     return r[r["label"] == "malignancy"]["acc"].astype(float).tolist()
 
@@ -116,7 +118,7 @@ def run_table2(data: str | os.PathLike, out: str | os.PathLike, seeds: Sequence[
                init_vit: str | None = None, vit_run: str | os.PathLike | None = None,
                cnn: dict[str, Any] | None = None,
                pretrain_overrides: dict[str, Any] | None = None, device: str | None = None,
-               progress: bool = False,
+               probe_epochs: int = 100, progress: bool = False,
                on_row: Callable[[str], None] | None = None) -> Table2Result:
     """Run the six rows of Table 2 on a patch file; work files go under ``out``.
 
@@ -143,6 +145,7 @@ def run_table2(data: str | os.PathLike, out: str | os.PathLike, seeds: Sequence[
         arch = resnet if row.encoder == "ResNet" else vit
         init = init_resnet if row.encoder == "ResNet" else init_vit
         status, accs = "ok", []
+        t0 = time.perf_counter()
         try:
             if row.init == "yes" and not init:
                 flag = "--init-resnet" if row.encoder == "ResNet" else "--init-vit"
@@ -157,7 +160,7 @@ def run_table2(data: str | os.PathLike, out: str | os.PathLike, seeds: Sequence[
                 reuse = vit_run if (row.encoder == "ViT" and row.init == "no") else None
                 accs = _two_stage(data, out / f"{row.encoder}-{row.init}".lower(), overrides,
                                   preset, seeds, dict(pretrain_overrides or {}), device, reuse,
-                                  progress)
+                                  probe_epochs, progress)
         except CredannoError as exc:
             status = f"not run: {exc}"
         a = np.asarray(accs, dtype=float)
@@ -165,6 +168,7 @@ def run_table2(data: str | os.PathLike, out: str | os.PathLike, seeds: Sequence[
                      "init": row.init, "acc_mean": a.mean() if len(a) else np.nan,
                      "acc_sd": a.std(ddof=1) if len(a) > 1 else np.nan, "n_seeds": len(a),
                      "status": status})
+        recs[-1]["seconds"] = round(time.perf_counter() - t0, 1)
         if on_row:
             acc = f"{a.mean() * 100:.2f}%" if len(a) else "-"
             on_row(f"{row.encoder} {row.strategy} init={row.init} ({arch}): {acc} {status}")

@@ -50,7 +50,7 @@ def bench() -> None:
     performance benchmarks. Every output names the data it ran on."""
 
 
-@bench.command("table1")
+@bench.command("table1", short_help="Table 1: ours, the majority baseline and the paper's rows.")
 @_STORE
 @_SEEDS
 @click.option("--probe-epochs", type=int, default=100, show_default=True)
@@ -73,7 +73,7 @@ def table1(store: Path | None, seeds: str, probe_epochs: int, device: str,
         click.echo(f"\nwrote {t1.to_csv(csv_path)}")
 
 
-@bench.command("fig2")
+@bench.command("fig2", short_help="Fig. 2: number of correctly predicted attributes.")
 @_STORE
 @_SEEDS
 @click.option("--probe-epochs", type=int, default=100, show_default=True)
@@ -99,7 +99,7 @@ def fig2(store: Path | None, seeds: str, probe_epochs: int, device: str, out: Pa
         click.echo(f"wrote {f2.to_csv(csv_path)}")
 
 
-@bench.command("fig4")
+@bench.command("fig4", short_help="Fig. 4: malignancy accuracy vs annotation fraction.")
 @_STORE
 @_SEEDS
 @click.option("--fracs", default="0.01,0.02,0.05,0.1,0.2,0.5,1", show_default=True)
@@ -137,7 +137,7 @@ def fig4(store: Path | None, seeds: str, fracs: str, k: int, probe_epochs: int,
         click.echo(f"wrote {f4.to_csv(csv_path)}")
 
 
-@bench.command("table2")
+@bench.command("table2", short_help="Table 2: ResNet vs ViT x end-to-end vs two-stage x init.")
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Patch file (default: data/phantom.h5).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),

@@ -19,14 +19,16 @@ import click
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Use this patch file instead of preparing the phantom.")
 @click.option("--epochs", type=int, default=None, help="Override the pretraining epochs.")
+@click.option("--progress/--no-progress", default=False, show_default=True,
+              help="Progress bars within the stages (stage lines are always shown).")
 def demo(out: Path, seeds: int, device: str | None, preset: str | None, data: Path | None,
-         epochs: int | None) -> None:
+         epochs: int | None, progress: bool) -> None:
     """prepare -> pretrain -> embed -> k-NN/probes -> t-SNE -> Table 1, Fig. 2/4 -> report.md"""
     from credanno.demo import run_demo
 
     t0 = time.perf_counter()
     res = run_demo(out=out, seeds=seeds, device=device, preset=preset, data=data,
                    pretrain_overrides={"epochs": epochs} if epochs else None,
-                   on_stage=lambda line: click.echo(line, err=True))
+                   progress=progress, on_stage=lambda line: click.echo(line, err=True))
     click.echo(f"wrote {res.report} (figures in {res.out / 'figures'}) in "
                f"{time.perf_counter() - t0:.0f} s")

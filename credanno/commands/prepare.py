@@ -12,10 +12,10 @@ import click
               show_default=True,
               help="phantom: rendered from the real outlines, no DICOM; lidc: real CT "
                    "(needs --dicom-root); folder: import the original cRedAnno layout.")
-@click.option("--split", type=click.Choice(["nodule", "patient"]), default="nodule",
+@click.option("--split", type=click.Choice(["nodule", "patient", "public"]), default="nodule",
               show_default=True,
-              help="70/30 draw per nodule (the paper's) or per patient (no patient on both "
-                   "sides).")
+              help="70/30 draw per nodule (the paper's rule), per patient (no patient on "
+                   "both sides), or the public label files' exact split (1904/769 images).")
 @click.option("--seed", type=int, default=42, show_default=True,
               help="Seed of the split draws and of the phantom's intensities.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -34,7 +34,7 @@ def tsne(color: str, store: Path | None, split: str, fit_on_train: bool, perplex
                  fit_split="train" if fit_on_train else None, cache=not no_cache)
     out = out or RESULTS_DIR / f"tsne_{m.store.stem}_{split}_{color}.png"
     placed = " placed into a map of the train split" if fit_on_train and split != "train" else ""
-    caption = (f"Data: {describe_source(m.provenance).text}. Store {m.store.name}, {kind} "
+    caption = (f"Data: {describe_source(m.provenance, m.store).text}. Store {m.store.name}, {kind} "
                f"features, {split} split ({len(m)} images){placed}; openTSNE, perplexity "
                f"{m.params['perplexity']:g}, seed {seed}.")
     save_figure(tsne_figure(m.coords, m.table, color, caption=caption), out)

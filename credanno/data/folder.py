@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib import image as mpimg
 from tqdm.auto import tqdm
 
 from credanno.data.resample import resize_patch
@@ -58,6 +57,8 @@ def read_meta(path: Path) -> pd.DataFrame:
 
 def read_png(path: Path, size: int) -> np.ndarray:
     """A grey PNG in [0, 1] (RGB averaged), resized to ``size x size`` if needed."""
+    from matplotlib import image as mpimg  # imported here: only this source needs it
+
     img = mpimg.imread(path)
     if img.dtype != np.float32 or img.max() > 1.0:
         img = img / float(np.iinfo(img.dtype).max if img.dtype.kind in "ui" else 1.0)

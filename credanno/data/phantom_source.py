@@ -8,16 +8,19 @@ and is not.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+import pandas as pd
 
 from credanno.data.intensity import LUNG_WINDOW_HU, get_intensity
-from credanno.data.lidc_db import select_lidc
+from credanno.data.lidc_db import Selection, select_lidc
 from credanno.data.phantom import PhantomStyle, render_phantoms
 from credanno.data.sources import PatchBatch, PrepareOptions, register_source
 from credanno.data.splits import assign_split
 
 
-def split_selection(options: PrepareOptions):
+def split_selection(options: PrepareOptions) -> tuple[Selection, pd.DataFrame, np.ndarray]:
     """Run (or load) the LIDC selection and split it; returns (selection, table, row order)."""
     sel = select_lidc(options.selection, patients=options.patients, progress=options.progress)
     table = sel.table.assign(_row=np.arange(len(sel.table)))
@@ -26,7 +29,8 @@ def split_selection(options: PrepareOptions):
     return sel, table, order
 
 
-def selection_attrs(sel, options: PrepareOptions) -> dict:
+def selection_attrs(sel: Selection, options: PrepareOptions) -> dict[str, Any]:
+    """Provenance attributes shared by the sources built on the LIDC selection."""
     return {"selection": sel.params.to_dict(), "split": options.split, "seed": options.seed,
             "intensity": options.intensity,
             "intensity_window_hu": list(LUNG_WINDOW_HU) if options.intensity == "window"

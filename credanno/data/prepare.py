@@ -64,8 +64,9 @@ def prepare(source: str = "phantom", split: str = DEFAULT_SPLIT, seed: int = DEF
             patients: Sequence[str] | None = None) -> PrepareResult:
     """Build a patch file from ``source`` (``phantom`` | ``lidc`` | ``folder``).
 
-    ``split`` is ``nodule`` (the paper's 70/30 per-nodule draw) or ``patient`` (no
-    patient on both sides); ``seed`` drives the split and the phantom's intensities.
+    ``split`` is ``nodule`` (the paper's 70/30 per-nodule draw), ``patient`` (no
+    patient on both sides) or ``public`` (the public label files' exact split);
+    ``seed`` drives the split draws and the phantom's intensities.
     ``selection`` overrides the selection parameters (e.g. ``public_skips=False`` for
     the plain recipe's 751 nodules); ``patients`` restricts the LIDC selection to some
     patient ids. The file is written atomically; nothing partial is left on failure.
@@ -88,5 +89,7 @@ def prepare(source: str = "phantom", split: str = DEFAULT_SPLIT, seed: int = DEF
     path = Path(out) if out is not None else default_output(source, split, seed, intensity)
     attrs = {k: v for k, v in batch.attrs.items() if v is not None}
     write_patch_file(path, batch.images, batch.table, attrs)
-    return PrepareResult(path=path, summary=summarize(batch.table), skipped=batch.skipped,
+    summary = summarize(batch.table)
+    summary.attrs["skipped"] = dict(batch.skipped)
+    return PrepareResult(path=path, summary=summary, skipped=batch.skipped,
                          cached=batch.cached)

@@ -88,8 +88,9 @@ def bootstrap_ci(correct_rows: np.ndarray, groups: np.ndarray, n_boot: int = 100
         return out[0] if single else out
     draw, inverse = counts if counts is not None else bootstrap_counts(groups, n_boot, seed)
     n_groups = draw.shape[1]
-    per_group = np.zeros((n_groups, c.shape[1]))
-    np.add.at(per_group, inverse, c)
+    R = c.shape[1]
+    flat = (inverse[:, None] * R + np.arange(R)).ravel()
+    per_group = np.bincount(flat, weights=c.ravel(), minlength=n_groups * R).reshape(-1, R)
     sizes = np.bincount(inverse, minlength=n_groups).astype(np.float64)
     accs = (draw @ per_group) / np.maximum(draw @ sizes, 1.0)[:, None]  # (B, R)
     alpha = (1 - level) / 2

@@ -125,6 +125,7 @@ def build_result(configs: list[ConfigPredictions], test_table: pd.DataFrame,
     test_table = test_table.reset_index(drop=True)
     nodules = test_table["nodule_id"].to_numpy()
     rows: list[dict[str, Any]] = []
+    resamples: dict[bytes, tuple[np.ndarray, np.ndarray]] = {}  # one per set of test rows
     for label in labels:
         spec = label_spec(label)
         true_all = test_table[label].to_numpy().astype(np.int64)
@@ -133,7 +134,10 @@ def build_result(configs: list[ConfigPredictions], test_table: pd.DataFrame,
         if len(configs):
             pred = np.stack([c.preds[label][keep] for c in configs], axis=1)  # (n, R)
             ok = metrics.correct(pred, true[:, None], spec.tolerance)
-            ci = metrics.bootstrap_ci(ok, nodules[keep], n_boot=n_boot, seed=ci_seed)
+            key = keep.tobytes()
+            if key not in resamples:
+                resamples[key] = metrics.bootstrap_counts(nodules[keep], n_boot, ci_seed)
+            ci = metrics.bootstrap_ci(ok, nodules[keep], counts=resamples[key])
         baseline = metrics.baseline_accuracy(true, spec.n_classes, spec.tolerance)
         if not len(configs):
             continue
@@ -164,28 +168,36 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
 
     ``ci95`` of the summary is the mean of the per-seed bounds.
     """
-    out = []
+    cols = ["method", "label", "k", "frac", "n_seeds", "acc", "acc_sd", "exact_acc",
+            "exact_acc_sd", "balanced_acc", "balanced_acc_sd", "baseline_acc", "ci95",
+            "n_labelled", "n_test"]
     if results.empty:
-        return pd.DataFrame(columns=["method", "label", "k", "frac", "n_seeds", "acc", "acc_sd",
-                                     "exact_acc", "exact_acc_sd", "balanced_acc",
-                                     "balanced_acc_sd", "baseline_acc", "ci95", "n_labelled",
-                                     "n_test"])
-    key = results["k"].map(lambda v: -1 if v is None else int(v))
-    for _, g in results.groupby([results["method"], results["label"], key, results["frac"]],
-                                sort=False):
-        rec = {"method": g["method"].iat[0], "label": g["label"].iat[0], "k": g["k"].iat[0],
-               "frac": float(g["frac"].iat[0]), "n_seeds": int(len(g))}
-        for m in METRICS[:3]:
-            vals = g[m].to_numpy(dtype=float)
-            rec[m] = float(np.mean(vals))
-            rec[f"{m}_sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
-        rec["baseline_acc"] = float(g["baseline_acc"].mean())
-        ci = np.array([list(c) for c in g["ci95"]], dtype=float)
-        rec["ci95"] = (float(ci[:, 0].mean()), float(ci[:, 1].mean()))
-        rec["n_labelled"] = float(g["n_labelled"].mean())
-        rec["n_test"] = int(g["n_test"].iat[0])
-        out.append(rec)
-    return pd.DataFrame(out)
+        return pd.DataFrame(columns=cols)
+    df = results.drop(columns="ci95").assign(
+        _k=results["k"].map(lambda v: -1 if v is None else int(v)),
+        _lo=[c[0] for c in results["ci95"]], _hi=[c[1] for c in results["ci95"]])
+    g = df.groupby(["method", "label", "_k", "frac"], sort=False)
+    mean = g[["acc", "exact_acc", "balanced_acc", "baseline_acc", "_lo", "_hi",
+              "n_labelled"]].mean()
+    sd = g[["acc", "exact_acc", "balanced_acc"]].std(ddof=1)
+    first = g[["k", "n_test"]].first()
+    out = pd.DataFrame({
+        "method": mean.index.get_level_values("method"),
+        "label": mean.index.get_level_values("label"),
+        "k": first["k"].to_numpy(), "frac": mean.index.get_level_values("frac"),
+        "n_seeds": g.size().to_numpy(),
+        "acc": mean["acc"].to_numpy(), "acc_sd": sd["acc"].to_numpy(),
+        "exact_acc": mean["exact_acc"].to_numpy(), "exact_acc_sd": sd["exact_acc"].to_numpy(),
+        "balanced_acc": mean["balanced_acc"].to_numpy(),
+        "balanced_acc_sd": sd["balanced_acc"].to_numpy(),
+        "baseline_acc": mean["baseline_acc"].to_numpy(),
+        "ci95": list(zip(mean["_lo"].to_numpy(dtype=float), mean["_hi"].to_numpy(dtype=float),
+                         strict=True)),
+        "n_labelled": mean["n_labelled"].to_numpy(dtype=float),
+        "n_test": first["n_test"].to_numpy(),
+    }, columns=cols)
+    out["k"] = out["k"].astype(object).where(out["k"].notna(), None)
+    return out
 
 
 def _fig2(configs: list[ConfigPredictions], test_table: pd.DataFrame,

@@ -278,6 +278,7 @@ class Trainer:
         self.student.head.load_state_dict(state["student_head"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.loss_fn.center.copy_(state["centre"].to(self.device))
+        self.init_report = state.get("init")
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         return int(state["epoch"])

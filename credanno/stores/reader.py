@@ -10,7 +10,6 @@ one used after ``fork`` re-opens itself, so HDF5 handles are never shared.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,21 @@ import pandas as pd
 
 from credanno.errors import CredannoError
 from credanno.labels import LABEL_NAMES, label_spec
-from credanno.stores.schema import SCHEMA, SCHEMA_VERSION, decode_attr, from_json, h5open
+from credanno.stores.schema import (
+    LOCK_HINT,
+    SCHEMA,
+    SCHEMA_VERSION,
+    decode_attr,
+    from_json,
+    h5open,
+    is_lock_error,
+)
 from credanno.table import SPLITS, read_table
 
 _REMAKE = "re-create it with `credanno embed`"
+#: Above this many contiguous pieces a split is read block-wise instead of piece by piece.
+_MAX_RUNS = 64
+_BLOCK_BYTES = 4 << 20
 
 
 def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
@@ -91,11 +101,9 @@ class Store:
         try:
             f = h5open(path, "r", self._locking)
         except OSError as exc:
-            msg = str(exc)
-            if re.search(r"\block(ing)? file|\bflock|file lock", msg, re.IGNORECASE):
-                raise CredannoError(
-                    f"cannot lock {path} for reading ({msg.splitlines()[0]}); on a network "
-                    "filesystem set CREDANNO_HDF5_LOCKING=0 (see docs/stores.md)") from None
+            if is_lock_error(exc):
+                raise CredannoError(f"cannot lock {path} for reading "
+                                    f"({str(exc).splitlines()[0]}); {LOCK_HINT}") from None
             raise CredannoError(f"{path} is not a readable HDF5 file (truncated or corrupt); "
                                 f"{_REMAKE}") from None
         schema = decode_attr(f.attrs.get("schema", ""))
@@ -168,8 +176,12 @@ class Store:
     def table(self, split: str | None = None, columns: list[str] | None = None) -> pd.DataFrame:
         """The per-image table (ids, split, labels, ratings) of ``split``, in row order."""
         rows = self.rows(split)
-        sel = slice(None) if split is None else self._selector(rows)
-        return self._read(lambda f: read_table(f["table"], rows=sel, columns=columns))
+        sel = self._selector(rows)
+        if isinstance(sel, slice):
+            return self._read(lambda f: read_table(f["table"], rows=sel, columns=columns))
+        # Scattered rows: one read of the (small) columns beats HDF5 point selections.
+        df = self._read(lambda f: read_table(f["table"], columns=columns))
+        return df.iloc[rows].reset_index(drop=True)
 
     def _selector(self, rows: np.ndarray) -> slice | np.ndarray:
         runs = _runs(rows)
@@ -185,8 +197,11 @@ class Store:
         if name not in self._columns:
             raise CredannoError(f"{self.path} has no {name!r} labels; re-embed from a patch "
                                 "file that has them")
-        sel = self._selector(self.rows(split))
-        return self._read(lambda f: f["table"][name][sel]).astype(np.int64)
+        rows = self.rows(split)
+        sel = self._selector(rows)
+        if isinstance(sel, slice):
+            return self._read(lambda f: f["table"][name][sel]).astype(np.int64)
+        return self._read(lambda f: f["table"][name][...])[rows].astype(np.int64)
 
     # -- features -------------------------------------------------------------------------
 
@@ -202,9 +217,24 @@ class Store:
         ds = self._dataset("features", kind)
         out = np.empty((len(rows), ds.shape[1]), dtype=np.float32)
 
+        runs = _runs(rows)
+
         def read(_f: h5py.File) -> np.ndarray:
-            for start, stop, offset in _runs(rows):
-                ds.read_direct(out, np.s_[start:stop], np.s_[offset:offset + stop - start])
+            if len(runs) <= _MAX_RUNS:
+                for start, stop, offset in runs:
+                    ds.read_direct(out, np.s_[start:stop], np.s_[offset:offset + stop - start])
+                return out
+            # Many short runs (rows interleaved across splits): read ~4 MiB blocks and keep
+            # the wanted rows, bounding memory at the split plus one block.
+            step = max(1, _BLOCK_BYTES // (ds.shape[1] * 4))
+            block = np.empty((step, ds.shape[1]), dtype=np.float32)
+            done = 0
+            for a in range(int(rows[0]), int(rows[-1]) + 1, step):
+                b = min(a + step, ds.shape[0])
+                ds.read_direct(block, np.s_[a:b], np.s_[0:b - a])
+                upto = int(np.searchsorted(rows, b))
+                out[done:upto] = block[rows[done:upto] - a]
+                done = upto
             return out
 
         return self._read(read)

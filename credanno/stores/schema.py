@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +103,20 @@ def decode_attr(value: Any) -> Any:
     return value
 
 
-def to_json(value: Any) -> str:
-    return json.dumps(value, default=_json_default, sort_keys=True)
+def to_json(value: Any, sort_keys: bool = True) -> str:
+    try:
+        return json.dumps(value, default=_json_default, sort_keys=sort_keys)
+    except (TypeError, ValueError) as exc:
+        raise CredannoError(f"provenance cannot be stored ({exc}); use JSON values (str, "
+                            "numbers, lists, dicts)") from None
+
+
+def is_lock_error(exc: OSError) -> bool:
+    """Whether HDF5 failed to lock the file (typical of network filesystems)."""
+    return bool(re.search(r"\block(ing)? file|\bflock|file lock", str(exc), re.IGNORECASE))
+
+
+LOCK_HINT = "on a network filesystem set CREDANNO_HDF5_LOCKING=0 (see docs/stores.md)"
 
 
 def from_json(value: Any, what: str, path: Path) -> Any:

@@ -25,11 +25,13 @@ from credanno._atomic import atomic_path
 from credanno.errors import CredannoError
 from credanno.stores.schema import (
     CHUNK_BYTES,
+    LOCK_HINT,
     SCHEMA,
     SCHEMA_VERSION,
     chunk_rows,
     encode_attr,
     h5open,
+    is_lock_error,
     to_json,
 )
 from credanno.table import validate_table, write_table
@@ -99,9 +101,15 @@ class StoreWriter(AbstractContextManager):
         self._atomic = atomic_path(self.path, overwrite=overwrite)
         tmp = self._atomic.__enter__()
         try:
-            # Room for a few chunks per dataset keeps a partly filled chunk in memory until
-            # it is complete, so sequential batches write each chunk once.
-            self._file = h5open(tmp, "w", locking, rdcc_nbytes=4 * CHUNK_BYTES, rdcc_w0=1.0)
+            # (compressed stores) room for a few chunks per dataset keeps a partly filled
+            # chunk in memory until it is complete, so sequential batches write it once.
+            try:
+                self._file = h5open(tmp, "w", locking, rdcc_nbytes=4 * CHUNK_BYTES,
+                                    rdcc_w0=1.0)
+            except OSError as exc:
+                hint = LOCK_HINT if is_lock_error(exc) else "choose a writable --out"
+                raise CredannoError(f"cannot create {self.path} "
+                                    f"({str(exc).splitlines()[0]}); {hint}") from None
             self._create_layout(compression)
         except BaseException as exc:
             self._discard(exc)
@@ -111,7 +119,8 @@ class StoreWriter(AbstractContextManager):
         f = self._file
         f.attrs.update({
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "n_rows": self.n,
-            "feature_sets": to_json(self.feature_sets), "default_kind": self.default_kind,
+            "feature_sets": to_json(self.feature_sets, sort_keys=False),
+            "default_kind": self.default_kind,
             "n_views": self.n_views, "provenance": to_json(self.provenance),
             "credanno_version": encode_attr(self.provenance["credanno_version"]),
             "created": encode_attr(self.provenance["created"]),
@@ -254,7 +263,8 @@ class StoreWriter(AbstractContextManager):
         for a in range(0, rows, step):
             block = np.ascontiguousarray(arr[..., a:a + step, :])
             if self.dtype != np.float32:
-                block = block.astype(self.dtype)
+                with np.errstate(over="ignore"):  # overflow is reported just below
+                    block = block.astype(self.dtype)
             if not _finite(block):
                 hint = ("features overflow float16 (|x| > 65504); store them as float32"
                         if self.dtype == np.float16 and _finite(arr[..., a:a + step, :])

@@ -82,8 +82,11 @@ def plot_tsne_panel(ax, coords: np.ndarray, labels: np.ndarray, spec: LabelSpec,
     labels = np.asarray(labels)
     palette = np.array(label_colours(spec) + [MISSING_COLOUR])
     idx = np.where(labels < 0, len(palette) - 1, labels)
-    # draw in random order so that no class systematically hides another
-    order = np.random.default_rng(seed).permutation(len(labels))
+    # common classes first, rare ones on top (so a few "poorly defined" margins are not
+    # buried under hundreds of "sharp" ones); random order within a class
+    shuffle = np.random.default_rng(seed).permutation(len(labels))
+    counts = np.bincount(idx, minlength=len(palette))
+    order = shuffle[np.argsort(-counts[idx[shuffle]], kind="stable")]
     size = point_size or float(np.clip(6000 / max(len(labels), 1), 4, 30))
     ax.scatter(coords[order, 0], coords[order, 1], c=palette[idx[order]], s=size,
                linewidths=0, alpha=0.85, rasterized=len(labels) > 5000)

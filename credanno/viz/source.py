@@ -8,6 +8,7 @@ patch file's ``source`` attribute) or, failing that, from the patch file itself.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,15 +74,31 @@ def _patch_paths(prov: dict[str, Any]) -> list[Path]:
     return found
 
 
-def describe_source(provenance: dict[str, Any]) -> DataSource:
-    """Name the data a store (or patch file) was computed from."""
+def _candidates(prov: dict[str, Any], store: str | os.PathLike | None) -> list[Path]:
+    """Patch-file paths named by the provenance, as given and, for relative ones (written
+    relative to the working directory of `credanno embed`), beside the store's folders."""
+    out = []
+    for path in _patch_paths(prov):
+        out.append(path)
+        if store is not None and not path.is_absolute():
+            parent = Path(store).resolve().parent
+            out += [parent / path, parent.parent / path]
+    return out
+
+
+def describe_source(provenance: dict[str, Any],
+                    store: str | os.PathLike | None = None) -> DataSource:
+    """Name the data a store (or patch file) was computed from.
+
+    ``store``: the store's path, to find a patch file named relative to its folders.
+    """
     prov = {k: _maybe_json(v) for k, v in dict(provenance).items()}
     kind = _find_source(prov)
     if kind is None:
         from credanno.data.patchfile import read_patch_file
         from credanno.errors import CredannoError
 
-        for path in _patch_paths(prov):
+        for path in _candidates(prov, store):
             if path.exists():
                 try:
                     kind = read_patch_file(path, images=False).attrs.get("source")
@@ -95,10 +112,11 @@ def describe_source(provenance: dict[str, Any]) -> DataSource:
     return DataSource(kind, SOURCE_WORDS.get(kind, f"{kind} data"))
 
 
-def patch_file_of(provenance: dict[str, Any]) -> Path | None:
+def patch_file_of(provenance: dict[str, Any],
+                  store: str | os.PathLike | None = None) -> Path | None:
     """The patch file a store was embedded from, if its provenance names one that exists."""
     prov = {k: _maybe_json(v) for k, v in dict(provenance).items()}
-    for path in _patch_paths(prov):
+    for path in _candidates(prov, store):
         if path.exists():
             return path
     return None

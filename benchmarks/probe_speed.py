@@ -1,0 +1,137 @@
+"""Speed of the paper's joint linear probes (G_exp + G_cls, Eq. 3) on CPU.
+
+- ``one``: the 9 heads trained jointly for 100 epochs (SGD, batch 128, cosine) on
+  1904 x 1536 features (the size of the public train split with last-4-blocks features);
+  target <= 2 s (``value``), reference = the same model written the usual way
+  (``torch.nn.Linear`` heads, autograd, ``torch.optim.SGD``), same threads;
+- ``15 configurations`` (3 label fractions x 5 seeds, as one batched model) against one
+  full-label configuration: target <= 3x; and against the 15 trained one after another;
+- scikit-learn ``LogisticRegression`` fitted per label (9 fits, lbfgs) on the same data.
+
+Run: ``python benchmarks/probe_speed.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+
+import numpy as np
+
+FRACS = (0.01, 0.1, 1.0)
+
+
+def _row(metric, value, reference, ratio, target, ok):
+    return {"benchmark": "probe_speed", "metric": metric, "value": round(value, 4),
+            "reference": round(reference, 4), "ratio": round(ratio, 3), "target": target,
+            "ok": bool(ok)}
+
+
+def _data(n=1904, dim=1536, seed=0):
+    from credanno.labels import LABEL_NAMES, label_spec
+
+    rng = np.random.default_rng(seed)
+    Y = np.stack([rng.integers(0, label_spec(n_).n_classes, n) for n_ in LABEL_NAMES], 1)
+    X = rng.normal(size=(n, dim)).astype(np.float32)
+    X[:, :9] += 2.0 * Y  # some signal
+    return X, Y
+
+
+def autograd_reference(X, Y, rows, epochs, lr, seed=0):
+    """The joint heads as one would write them with nn.Linear, autograd and torch.optim."""
+    import torch
+
+    from credanno.labels import LABEL_NAMES, label_spec
+
+    torch.manual_seed(seed)
+    counts = [label_spec(n).n_classes for n in LABEL_NAMES]
+    exp_heads = torch.nn.ModuleList(torch.nn.Linear(X.shape[1], c) for c in counts[1:])
+    cls_head = torch.nn.Linear(X.shape[1] + sum(counts[1:]), 2)
+    params = [*exp_heads.parameters(), *cls_head.parameters()]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    Xt, Yt = torch.from_numpy(X[rows]), torch.from_numpy(Y[rows])
+    ce = torch.nn.CrossEntropyLoss()
+    for _ in range(epochs):
+        perm = torch.randperm(len(rows))
+        for s in range(0, len(rows), 128):
+            b = perm[s:s + 128]
+            f = Xt[b]
+            z = [h(f) for h in exp_heads]
+            zc = cls_head(torch.cat([f, *z], 1))
+            loss = ce(zc, Yt[b, 0]) + sum(ce(zj, Yt[b, j + 1]) for j, zj in enumerate(z))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+
+
+def run(quick: bool = False) -> list[dict]:
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from credanno.eval.probe import HeadLayout, train_joint_heads
+    from credanno.labels import LABEL_NAMES, label_spec
+
+    epochs = 20 if quick else 100
+    X, Y = _data()
+    n = len(X)
+    layout = HeadLayout(list(LABEL_NAMES), [label_spec(x).n_classes for x in LABEL_NAMES], 0)
+    full = np.arange(n)
+    configs = [np.sort(np.random.default_rng(s).permutation(n)[:max(1, round(f * n))])
+               for f in FRACS for s in range(5)]
+    lrs = [5e-4 if f >= 1 else 2.5e-4 for f in FRACS for _ in range(5)]
+
+    def ours(rows, lr, seeds):
+        train_joint_heads(X, Y, layout, rows, epochs=epochs, lr=lr, seeds=seeds)
+
+    ours([full], 5e-4, 0)  # warm-up
+    t0 = time.perf_counter()
+    ours([full], 5e-4, 0)
+    t_one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ours(configs, lrs, list(range(15)))
+    t_15 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for c, (rows, lr) in enumerate(zip(configs, lrs, strict=True)):
+        ours([rows], lr, c)
+    t_seq = time.perf_counter() - t0
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same threads as train_joint_heads' default
+    try:
+        t0 = time.perf_counter()
+        autograd_reference(X, Y, full, epochs, 5e-4)
+        t_auto = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(saved)
+
+    n_skl = 1 if quick else Y.shape[1]  # lbfgs on 1536-d is slow: one label when quick
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lbfgs may stop at max_iter, as in common use
+        for j in range(n_skl):
+            LogisticRegression(max_iter=100).fit(X, Y[:, j])
+    t_skl = time.perf_counter() - t0
+
+    work = sum(np.ceil(len(r) / 128) for r in configs) / np.ceil(n / 128)
+    return [
+        _row(f"one config, 9 joint heads, {epochs} epochs, {n}x{X.shape[1]} s "
+             "(vs nn.Linear + autograd)", t_one, t_auto, t_auto / t_one,
+             "value <= 2 s" if not quick else "info", t_one <= 2.0 or quick),
+        _row(f"15 configs batched s (vs one config; minibatch work {work:.2f}x)", t_15, t_one,
+             t_15 / t_one, "<= 3", t_15 / t_one <= 3),
+        _row("15 configs batched s (vs the 15 one after another)", t_15, t_seq,
+             t_seq / t_15, "info", True),
+        _row(f"one config s (vs sklearn LogisticRegression x {n_skl} label(s))", t_one, t_skl,
+             t_skl / t_one, "info", True),
+    ]
+
+
+if __name__ == "__main__":
+    results = run(quick="--quick" in sys.argv)
+    cols = ["benchmark", "metric", "value", "reference", "ratio", "target", "ok"]
+    print(" | ".join(cols))
+    for r in results:
+        print(" | ".join(str(r[c]) for c in cols))
