@@ -45,19 +45,23 @@ print(peak() - base, traced, X.nbytes)
 """
 
 
-def _best(fn, repeat: int, cleanup: Path | None = None, setup=None) -> float:
-    # Every repetition writes a new file, as a real run does (replacing a large file
-    # would add the cost of freeing the old one's blocks).
-    times = []
-    for _ in range(repeat):
-        if cleanup is not None:
-            cleanup.unlink(missing_ok=True)
+class _Timer:
+    """Best-of-N timings of several jobs, run in alternation so that load drift on a
+    shared machine hits store and numpy alike. ``setup`` runs untimed before each job;
+    every write goes to a new file, as a real run does."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, list[float]] = {}
+
+    def __call__(self, name: str, fn, setup=None) -> None:
         if setup is not None:
             setup()
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        self.times.setdefault(name, []).append(time.perf_counter() - t0)
+
+    def best(self, name: str) -> float:
+        return min(self.times[name])
 
 
 def _row(metric: str, value: float, reference: float, ratio: float, target: str,
@@ -69,39 +73,45 @@ def _row(metric: str, value: float, reference: float, ratio: float, target: str,
 
 def run(quick: bool = False) -> list[dict]:
     n_rows, dim = (20_000, 384) if quick else (100_000, 384)
-    repeat = 2 if quick else 5
+    repeat = 2 if quick else 7
     table = synthetic_table(n_nodules=n_rows // 4, per_nodule=4, seed=0)
     X = np.random.default_rng(0).standard_normal((n_rows, dim), dtype=np.float32)
     rows = []
     with tempfile.TemporaryDirectory(prefix="credanno-bench-") as tmp:
         npy, h5 = Path(tmp) / "X.npy", Path(tmp) / "X.h5"
-        t_np_w = _best(lambda: np.save(npy, X), repeat, cleanup=npy)
-        t_st_w = _best(lambda: stores.save(h5, {"cls": X}, table, {"benchmark": True}), repeat,
-                       cleanup=h5)
         writers = []
 
-        def payload():
-            w = writers[-1]
-            w.append({"cls": X})
-            w.close()
+        def fresh(path: Path):
+            return lambda: path.unlink(missing_ok=True)
 
-        def setup():
+        def new_writer():
             h5.unlink(missing_ok=True)
             writers.append(stores.create(h5, table, {"cls": dim}, {"benchmark": True}))
 
-        t_st_p = _best(payload, repeat, setup=setup)
-        rows.append(_row(f"write {n_rows}x{dim} features (append + close) s", t_st_p, t_np_w,
-                         t_np_w / t_st_p, ">= 0.8", t_np_w / t_st_p >= 0.8))
-        rows.append(_row(f"write whole store incl. {n_rows}-row table s", t_st_w, t_np_w,
-                         t_np_w / t_st_w, "info", True))
+        def payload():
+            writers[-1].append({"cls": X})
+            writers[-1].close()
 
         def read_store():
             with stores.open(h5) as s:
                 return s.features(kind="cls")
 
+        timer = _Timer()
+        for _ in range(repeat):
+            timer("np.save", lambda: np.save(npy, X), fresh(npy))
+            timer("payload", payload, new_writer)
+            timer("save", lambda: stores.save(h5, {"cls": X}, table, {"benchmark": True}),
+                  fresh(h5))
         assert np.array_equal(read_store(), X)
-        t_np_r = _best(lambda: np.load(npy), repeat)
-        t_st_r = _best(read_store, repeat)
+        for _ in range(repeat):
+            timer("np.load", lambda: np.load(npy))
+            timer("read", read_store)
+        t_np_w, t_np_r = timer.best("np.save"), timer.best("np.load")
+        t_st_p, t_st_w, t_st_r = timer.best("payload"), timer.best("save"), timer.best("read")
+        rows.append(_row(f"write {n_rows}x{dim} features (append + close) s", t_st_p, t_np_w,
+                         t_np_w / t_st_p, ">= 0.8", t_np_w / t_st_p >= 0.8))
+        rows.append(_row(f"write whole store incl. {n_rows}-row table s", t_st_w, t_np_w,
+                         t_np_w / t_st_w, "info", True))
         rows.append(_row(f"read {n_rows}x{dim} s", t_st_r, t_np_r, t_np_r / t_st_r,
                          ">= 0.8", t_np_r / t_st_r >= 0.8))
 

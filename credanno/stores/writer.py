@@ -41,10 +41,11 @@ _BLOCK_BYTES = 4 << 20
 
 
 def _finite(block: np.ndarray) -> bool:
-    # A sum is one fast pass and NaN/Inf propagate through it; only when it is not finite
-    # (or overflowed) is the exact element-wise test needed.
+    # Column sums are one vectorised pass and NaN/Inf propagate through them; only when a
+    # sum is not finite (or overflowed) is the exact element-wise test needed.
+    flat = block.reshape(-1, block.shape[-1]) if block.ndim > 1 else block[:, None]
     with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(block.sum(dtype=np.float32)):
+        if np.isfinite(flat.sum(axis=0)).all():
             return True
     return bool(np.isfinite(block).all())
 
