@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pytest
 import torch
@@ -31,7 +32,8 @@ def small_patch_file(tmp_path_factory):
 
 
 def tiny_config(data, out, **kw):
-    return load_config("cpu-tiny", overrides={**TINY, "data": str(data), "out": str(out), **kw})
+    return load_config("cpu-tiny", overrides={**TINY, "data": str(data),
+                                              "out": None if out is None else str(out), **kw})
 
 
 def _all_weights(run_dir):
@@ -202,3 +204,31 @@ def test_cli_pretrain(small_patch_file, tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_default_run_name_resumes_unfinished_run(small_patch_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    original = train_mod.Trainer.run_epoch
+
+    def killed(self, epoch, bar=None):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, epoch, bar)
+
+    monkeypatch.setattr(train_mod.Trainer, "run_epoch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_config(small_patch_file, None))
+    (first,) = (tmp_path / "runs").iterdir()
+    assert first.name.startswith("cpu-tiny-")
+    monkeypatch.setattr(train_mod.Trainer, "run_epoch", original)
+    result = pretrain(tiny_config(small_patch_file, None))       # same command, no --out
+    assert result.run_dir.resolve() == first.resolve() and result.resumed_from == 1
+    assert latest_run(tmp_path / "runs").resolve() == first.resolve()
+
+
+def test_bf16_autocast_path_trains(small_patch_file, tmp_path):
+    """The GPU's bf16 path (autocast, fp32 loss) exercised on the CPU."""
+    result = pretrain(tiny_config(small_patch_file, tmp_path / "bf16", amp="bf16", epochs=1))
+    assert math.isfinite(result.metrics[0]["loss"])
+    state = read_checkpoint(result.run_dir)
+    assert state["student_backbone"]["cls_token"].dtype == torch.float32   # master weights
