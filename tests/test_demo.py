@@ -56,6 +56,7 @@ def test_demo_end_to_end_tiny(tmp_path, tiny_patch_file):
     assert res2.cached["pretrain"] and res2.cached["embed teacher"]
     assert res2.stores["teacher"].stat().st_mtime_ns == mtime
     assert first < 60
+    assert all(isinstance(w, str) for w in res.warnings)
 
 
 def test_demo_bad_inputs(tmp_path, capsys):

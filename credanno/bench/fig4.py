@@ -122,11 +122,13 @@ def run_fig4(store: str | os.PathLike | None = None, fracs: Sequence[float] = FI
              seeds: Sequence[int] = (0, 1, 2), k: int = 50, probe_epochs: int = 100,
              cnn: dict[str, Any] | None = None, with_cnn: bool = True,
              data: str | os.PathLike | None = None, device: str = "cpu",
-             progress: bool = False,
+             cnn_fracs: Sequence[float] | None = None, progress: bool = False,
              on_config: Callable[[str], None] | None = None) -> Fig4Result:
     """Malignancy accuracy over label fractions for k-NN, probes and the end-to-end CNN.
 
     ``cnn``: keyword arguments of :class:`EndToEndClassifier` (arch, epochs, ...);
+    ``cnn_fracs``: the fractions the CNN trains on (default: all of ``fracs``; the CNN
+    costs minutes per point on a CPU where the two-stage methods cost seconds);
     ``data``: the patch file for the CNN (default: the one the store's provenance names).
     """
     from credanno import stores
@@ -157,7 +159,7 @@ def run_fig4(store: str | os.PathLike | None = None, fracs: Sequence[float] = FI
             raise CredannoError(f"cannot find the patch file of store {path} for the "
                                 "end-to-end baseline; pass --data PATH or --no-cnn")
         arch = (cnn or {}).get("arch", "resnet18")
-        frames.append(cnn_subset_accuracy(patch, fracs, seeds, cnn,
+        frames.append(cnn_subset_accuracy(patch, sorted(cnn_fracs or fracs), seeds, cnn,
                                           series=f"end-to-end {arch} (baseline)",
                                           on_config=on_config))
         epochs = (cnn or {}).get("epochs", 30)

@@ -111,6 +111,8 @@ def fig2(store: Path | None, seeds: str, probe_epochs: int, device: str, out: Pa
 @click.option("--cnn-arch", default="resnet18", show_default=True,
               help="timm architecture of the end-to-end baseline (paper: resnet50).")
 @click.option("--cnn-epochs", type=int, default=30, show_default=True)
+@click.option("--cnn-fracs", default=None,
+              help="Fractions the CNN trains on (default: all of --fracs).")
 @click.option("--cnn-size", type=int, default=32, show_default=True,
               help="Input size of the CNN baseline (paper: 224).")
 @_DEVICE
@@ -118,8 +120,9 @@ def fig2(store: Path | None, seeds: str, probe_epochs: int, device: str, out: Pa
               default=Path("results/fig4.png"), show_default=True)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def fig4(store: Path | None, seeds: str, fracs: str, k: int, probe_epochs: int,
-         data: Path | None, no_cnn: bool, cnn_arch: str, cnn_epochs: int, cnn_size: int,
-         device: str, out: Path, csv_path: Path | None) -> None:
+         data: Path | None, no_cnn: bool, cnn_arch: str, cnn_epochs: int,
+         cnn_fracs: str | None, cnn_size: int, device: str, out: Path,
+         csv_path: Path | None) -> None:
     """Fig. 4: malignancy accuracy against annotation fraction (log scale)."""
     from credanno.bench.fig4 import run_fig4
     from credanno.viz import save_figure
@@ -128,6 +131,7 @@ def fig4(store: Path | None, seeds: str, fracs: str, k: int, probe_epochs: int,
     f4 = run_fig4(store, fracs=parse_fracs(fracs), seeds=parse_seeds(seeds), k=k,
                   probe_epochs=probe_epochs, cnn=cnn, with_cnn=not no_cnn, data=data,
                   device=device, progress=True,
+                  cnn_fracs=parse_fracs(cnn_fracs) if cnn_fracs else None,
                   on_config=lambda line: click.echo(line, err=True))
     click.echo(f"Data: {f4.data.text}. Store: {f4.store}.\n")
     click.echo("Fig. 4: malignancy accuracy (%), mean ± sd over seeds\n")

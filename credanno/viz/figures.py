@@ -151,9 +151,10 @@ def n_correct_figure(measured: Mapping[str, np.ndarray], reported: Mapping[str, 
     m = np.arange(n_items + 1)
     # one palette, ours first, so that no comparison curve shares a colour with ours
     tab = colormaps["tab10"]
+    markers = "o^vD"  # distinct markers keep overlapping curves of ours apart
     for i, (name, p) in enumerate(measured.items()):
-        ax.plot(m, np.asarray(p) * 100, "-o", color=tab(i % 10), lw=2.2, ms=5,
-                label=f"{name} (measured)")
+        ax.plot(m, np.asarray(p) * 100, "-", marker=markers[i % 4], color=tab(i % 10), lw=2.2,
+                ms=6, label=f"{name} (measured)")
     for j, (name, p) in enumerate(reported.items(), start=len(measured)):
         ax.plot(m, np.asarray(p) * 100, "--s", color=tab(j % 10), lw=1.2, ms=4, alpha=0.9,
                 label=f"{name} (paper-style)")
