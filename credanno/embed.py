@@ -221,7 +221,8 @@ def embed(data: str | os.PathLike = DEFAULT_PATCH_FILE,
     ranks = _init_ranks(dev)
     try:
         return _embed(enc, data, images, table, out, int(batch_size), ranks, int(views),
-                      progress, dtype, ViewAugmentation(max_shift=max_shift, seed=view_seed))
+                      progress, dtype, ViewAugmentation(max_shift=max_shift, seed=view_seed),
+                      source=patches.attrs.get("source"))
     finally:
         if ranks.owns_group:
             import torch.distributed as dist
@@ -238,7 +239,7 @@ def _default_out(enc: Encoder, data: Path) -> Path:
 
 def _embed(enc: Encoder, data: Path, images: np.ndarray, table: Any, out: Any,
            batch_size: int, ranks: _Ranks, n_views: int, progress: bool, dtype: str,
-           augment: ViewAugmentation) -> Path:
+           augment: ViewAugmentation, source: str | None = None) -> Path:
     dev = ranks.device
     out = Path(out) if out is not None else _default_out(enc, data)
     enc.to(dev)
@@ -248,8 +249,10 @@ def _embed(enc: Encoder, data: Path, images: np.ndarray, table: Any, out: Any,
     precision = "bf16-autocast" if dev.type == "cuda" else "fp32"
     provenance = {
         "encoder": enc.provenance,
+        # the source travels with the store, so outputs can say phantom vs real CT
+        # even after the patch file has moved
         "patch_file": {"path": str(data), "sha256": file_sha256(data), "n_images": n,
-                       "image_size": int(images.shape[1])},
+                       "image_size": int(images.shape[1]), "source": source},
         "transform": enc.transform.to_dict() if enc.transform is not None else None,
         "feature_sets": enc.definitions,
         "views": ({"n": n_views, "augmentation": asdict(augment), "rows": "train"}

@@ -149,7 +149,7 @@ def test_presets_and_overrides(tmp_path):
     if not torch.cuda.is_available():
         assert load_config().preset == "cpu-tiny"          # the default without a GPU
     assert tiny.global_size == 32 and tiny.eval_resize == tiny.eval_crop == 32
-    assert tiny.backbone_kwargs()["depth"] == 6
+    assert tiny.backbone_kwargs()["depth"] == 4
     toml = tmp_path / "c.toml"
     toml.write_text('[optim]\nepochs = 3\n[model]\nmodel_kwargs = { depth = 2 }\n')
     cfg = load_config("cpu-tiny", file=toml, overrides={"epochs": 5, "lr": 1})
