@@ -99,7 +99,6 @@ def run(quick: bool = False) -> list[dict]:
 
 if __name__ == "__main__":
     results = run(quick="--quick" in sys.argv)
-    cols = ["benchmark", "metric", "value", "reference", "ratio", "target", "ok"]
-    print(" | ".join(cols))
-    for r in results:
-        print(" | ".join(str(r[c]) for c in cols))
+    from credanno.bench.perf import print_rows
+
+    print_rows(results)

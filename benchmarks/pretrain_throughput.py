@@ -108,7 +108,6 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     preset = args[args.index("--preset") + 1] if "--preset" in args else None
     results = run(quick="--quick" in args, preset=preset, compile="--compile" in args)
-    cols = ["benchmark", "metric", "value", "reference", "ratio", "target", "ok"]
-    print(" | ".join(cols))
-    for r in results:
-        print(" | ".join(str(r[c]) for c in cols))
+    from credanno.bench.perf import print_rows
+
+    print_rows(results)

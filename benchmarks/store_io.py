@@ -130,7 +130,6 @@ def run(quick: bool = False) -> list[dict]:
 if __name__ == "__main__":
     quick = "--quick" in sys.argv
     results = run(quick=quick)
-    cols = ["benchmark", "metric", "value", "reference", "ratio", "target", "ok"]
-    print(" | ".join(cols))
-    for r in results:
-        print(" | ".join(str(r[c]) for c in cols))
+    from credanno.bench.perf import print_rows
+
+    print_rows(results)

@@ -143,3 +143,11 @@ def perf_markdown(df: pd.DataFrame, machine: str | None = None) -> str:
             continue
         lines.append("| " + " | ".join(_cell(r[c]) for c in COLUMNS) + " |")
     return "\n".join(lines)
+
+
+def print_rows(rows: Sequence[dict], script: str = "") -> None:
+    """The ``__main__`` of a benchmark script: print its rows as :func:`run_perf` would."""
+    df = pd.DataFrame([{"script": script, **{c: r.get(c) for c in COLUMNS}, "seconds": None,
+                        "error": ""} for r in rows],
+                      columns=["script", *COLUMNS, "seconds", "error"])
+    print(perf_markdown(df))  # noqa: T201 - a script's output, not library output

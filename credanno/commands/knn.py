@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-_PATH = click.Path(dir_okay=False, path_type=Path)
+from credanno.commands._eval_options import output_options, store_options, subset_options
 
 
 @click.command("knn")
-@click.option("--store", type=_PATH, default=None,
-              help="Feature store (default: the newest under stores/).")
-@click.option("--train-store", type=_PATH, default=None,
-              help="Take the training rows from this store (same provenance as --test-store).")
-@click.option("--test-store", type=_PATH, default=None,
-              help="Take the test rows from this store.")
+@store_options
 @click.option("--k", "ks", default="50,150,250", show_default=True,
               help="Numbers of neighbours, comma-separated; all from one search.")
-@click.option("--frac", "fracs", default="1", show_default=True,
-              help="Label fractions of the training images, comma-separated, in (0, 1].")
-@click.option("--n-labels", type=int, default=None,
-              help="Label this many training images instead of a fraction.")
-@click.option("--subset", type=click.Choice(["annotation", "nodule"]), default="annotation",
-              show_default=True, help="Draw labelled images one by one or as whole nodules.")
-@click.option("--stratify", is_flag=True, help="Stratify the labelled subset by malignancy.")
+@subset_options
 @click.option("--seeds", default="0-4", show_default=True,
               help="Subset seeds: a range 0-4, a list 0,3,7 or a count 3.")
 @click.option("--T", "T", type=float, default=0.1, show_default=True,
@@ -38,11 +25,7 @@ _PATH = click.Path(dir_okay=False, path_type=Path)
               help="Stream the training features from the store in blocks of this many rows.")
 @click.option("--device", default=None, help="cpu, or cuda for a faiss GPU index "
               "(default: GPU when faiss sees one).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-@click.option("--csv", type=_PATH, default=None, help="Also write the per-seed records as CSV.")
-@click.option("--predictions", type=_PATH, default=None,
-              help="Also write per-test-image predictions and probabilities as CSV.")
-@click.option("--progress/--no-progress", default=False, help="Progress bar on stderr.")
+@output_options
 def knn(store, train_store, test_store, ks, fracs, n_labels, subset, stratify, seeds, T,
         weighting, kind, labels, block_rows, device, as_json, csv, predictions,
         progress) -> None:

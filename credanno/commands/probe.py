@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-_PATH = click.Path(dir_okay=False, path_type=Path)
+from credanno.commands._eval_options import output_options, store_options, subset_options
 
 
 @click.command("probe")
-@click.option("--store", type=_PATH, default=None,
-              help="Feature store (default: the newest under stores/).")
-@click.option("--train-store", type=_PATH, default=None,
-              help="Take the training rows from this store (same provenance as --test-store).")
-@click.option("--test-store", type=_PATH, default=None,
-              help="Take the test rows from this store.")
-@click.option("--frac", "fracs", default="1", show_default=True,
-              help="Label fractions of the training images, comma-separated, in (0, 1].")
-@click.option("--n-labels", type=int, default=None,
-              help="Label this many training images instead of a fraction.")
-@click.option("--subset", type=click.Choice(["annotation", "nodule"]), default="annotation",
-              show_default=True, help="Draw labelled images one by one or as whole nodules.")
-@click.option("--stratify", is_flag=True, help="Stratify the labelled subset by malignancy.")
+@store_options
+@subset_options
 @click.option("--seeds", default="0-4", show_default=True,
               help="Seeds (subset, initialisation, batches): a range 0-4, a list or a count.")
 @click.option("--epochs", type=int, default=100, show_default=True)
@@ -47,11 +34,7 @@ _PATH = click.Path(dir_okay=False, path_type=Path)
                    "raw features).")
 @click.option("--views/--no-views", default=True, show_default=True,
               help="Train on the store's augmented views when it has them.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-@click.option("--csv", type=_PATH, default=None, help="Also write the per-seed records as CSV.")
-@click.option("--predictions", type=_PATH, default=None,
-              help="Also write per-test-image predictions and probabilities as CSV.")
-@click.option("--progress/--no-progress", default=False, help="Progress bar on stderr.")
+@output_options
 def probe(store, train_store, test_store, fracs, n_labels, subset, stratify, seeds, epochs,
           lr, batch_size, kind, labels, device, select, val_frac, standardize, views,
           as_json, csv, predictions, progress) -> None:
