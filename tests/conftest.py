@@ -23,3 +23,14 @@ def tiny_patch_file(tmp_path, tiny_table):
     write_patch_file(path, synthetic_images(tiny_table), tiny_table,
                      {"source": "synthetic", "seed": 0})
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models run fastest on one thread; on shared cores OpenMP spin-waiting costs 100x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,18 +9,10 @@ from credanno.errors import CredannoError
 from credanno.synthetic import synthetic_features, synthetic_images, synthetic_table
 
 # tiny synthetic sets leave classes without labels and clamp k: expected here
-pytestmark = pytest.mark.filterwarnings("ignore::credanno.errors.CredannoWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::credanno.errors.CredannoWarning"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and CI's cores are shared by other tests."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

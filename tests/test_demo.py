@@ -4,16 +4,7 @@ import pytest
 
 from credanno.errors import CredannoWarning
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and CI's cores are shared by other tests."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 #: a 2-block tiny ViT for 1 epoch: the pipeline's plumbing, not its accuracy

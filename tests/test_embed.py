@@ -21,14 +21,9 @@ ARCH = "vit_tiny_patch16_224"
 TINY = {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 48, "num_heads": 3}
 TINY_OPTS = [x for k, v in TINY.items() for x in ("--encoder-option", f"{k}={v}")]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread; with busy cores, OpenMP spinning costs 100x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 def _tiny_vit(seed, **extra):

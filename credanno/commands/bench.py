@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from credanno.errors import CredannoError
+from credanno.eval.options import parse_seeds
 
 _STORE = click.option("--store", type=click.Path(dir_okay=False, path_type=Path), default=None,
                       help="Feature store (default: the newest under stores/).")
@@ -15,23 +16,6 @@ _SEEDS = click.option("--seeds", default="3", show_default=True,
 _DEVICE = click.option("--device", default="cpu", show_default=True,
                        help="Device for the trained predictors and the CNN baseline.")
 
-
-def parse_seeds(text: str) -> list[int]:
-    """``"3"`` -> [0, 1, 2]; ``"0-4"`` -> [0..4]; ``"0,3,7"`` -> [0, 3, 7]."""
-    try:
-        if "," in text:
-            seeds = [int(s) for s in text.split(",") if s.strip()]
-        elif "-" in text.strip()[1:]:
-            lo, hi = text.split("-", 1)
-            seeds = list(range(int(lo), int(hi) + 1))
-        else:
-            seeds = list(range(int(text)))
-    except ValueError:
-        raise CredannoError(f"--seeds {text!r} is not understood; pass a count (3), a range "
-                            "(0-4) or a list (0,3,7)") from None
-    if not seeds or min(seeds) < 0:
-        raise CredannoError(f"--seeds {text!r} gives no usable seed; pass e.g. --seeds 3")
-    return seeds
 
 
 def parse_fracs(text: str) -> list[float]:
