@@ -28,6 +28,16 @@ def parse_fracs(text: str) -> list[float]:
     return fracs
 
 
+def _echo_figure(result, out: Path, csv_path: Path | None) -> None:
+    """Print a figure's table, save the figure and, if asked, its CSV."""
+    from credanno.viz import save_figure
+
+    click.echo(result.markdown())
+    click.echo(f"\nwrote {save_figure(result.figure(), out)}")
+    if csv_path:
+        click.echo(f"wrote {result.to_csv(csv_path)}")
+
+
 @click.group("bench")
 def bench() -> None:
     """Reproduce the paper's Table 1, Table 2, Fig. 2 and Fig. 4, and collect the
@@ -70,17 +80,13 @@ def fig2(store: Path | None, seeds: str, probe_epochs: int, device: str, out: Pa
     """Fig. 2: distribution of the number of correctly predicted attributes."""
     from credanno.bench.fig2 import fig2_configs, fig2_from_table1
     from credanno.bench.table1 import run_table1
-    from credanno.viz import save_figure
 
     t1 = run_table1(store, seeds=parse_seeds(seeds), configs=fig2_configs(),
                     probe_epochs=probe_epochs, device=device, progress=True)
     f2 = fig2_from_table1(t1)
     click.echo(t1.header())
     click.echo("\nFig. 2: % of test images with n of 8 attributes correct\n")
-    click.echo(f2.markdown())
-    click.echo(f"\nwrote {save_figure(f2.figure(), out)}")
-    if csv_path:
-        click.echo(f"wrote {f2.to_csv(csv_path)}")
+    _echo_figure(f2, out, csv_path)
 
 
 @bench.command("fig4", short_help="Fig. 4: malignancy accuracy vs annotation fraction.")
@@ -109,7 +115,6 @@ def fig4(store: Path | None, seeds: str, fracs: str, k: int, probe_epochs: int,
          csv_path: Path | None) -> None:
     """Fig. 4: malignancy accuracy against annotation fraction (log scale)."""
     from credanno.bench.fig4 import run_fig4
-    from credanno.viz import save_figure
 
     cnn = {"arch": cnn_arch, "epochs": cnn_epochs, "image_size": cnn_size, "device": device}
     f4 = run_fig4(store, fracs=parse_fracs(fracs), seeds=parse_seeds(seeds), k=k,
@@ -119,10 +124,7 @@ def fig4(store: Path | None, seeds: str, fracs: str, k: int, probe_epochs: int,
                   on_config=lambda line: click.echo(line, err=True))
     click.echo(f"Data: {f4.data.text}. Store: {f4.store}.\n")
     click.echo("Fig. 4: malignancy accuracy (%), mean ± sd over seeds\n")
-    click.echo(f4.markdown())
-    click.echo(f"\nwrote {save_figure(f4.figure(), out)}")
-    if csv_path:
-        click.echo(f"wrote {f4.to_csv(csv_path)}")
+    _echo_figure(f4, out, csv_path)
 
 
 @bench.command("table2", short_help="Table 2: ResNet vs ViT x end-to-end vs two-stage x init.")

@@ -54,14 +54,7 @@ class EvalData:
                 yield start, self.train_x[start:start + block_rows]
             return
         store = self._train_store
-        rows = store.rows("train")
-        ds = store._dataset("features", self.kind)
-        for start in range(0, len(rows), block_rows):
-            sel = rows[start:start + block_rows]
-            block = ds[int(sel[0]):int(sel[-1]) + 1]
-            if len(block) != len(sel):  # not contiguous: fancy-index the chunk instead
-                block = ds[sel]
-            block = np.asarray(block, dtype=np.float32)
+        for start, block in store.feature_blocks("train", self.kind, block_rows):
             if not np.isfinite(block).all():
                 raise CredannoError(f"{store.path}: training features contain NaN or Inf; "
                                     "re-run `credanno embed`")

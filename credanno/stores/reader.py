@@ -10,6 +10,7 @@ one used after ``fork`` re-opens itself, so HDF5 handles are never shared.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -238,6 +239,20 @@ class Store:
             return out
 
         return self._read(read)
+
+    def feature_blocks(self, split: str | None = "train", kind: str = "cls",
+                       block_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        """Features of ``split`` as ``(offset, block)`` pairs of at most ``block_rows`` rows,
+        read one block at a time, so that a bank larger than memory can be streamed."""
+        rows = self.rows(split)
+        ds = self._dataset("features", kind)
+        for start in range(0, len(rows), int(block_rows)):
+            sel = rows[start:start + int(block_rows)]
+            lo, hi = int(sel[0]), int(sel[-1]) + 1
+            # a contiguous range is one slice read; scattered rows need a point selection
+            block = self._read(lambda _f, lo=lo, hi=hi, sel=sel:
+                               ds[lo:hi] if hi - lo == len(sel) else ds[sel])
+            yield start, np.asarray(block, dtype=np.float32)
 
     def views(self, split: str = "train", kind: str = "last4") -> np.ndarray | None:
         """Stored augmented views of the training rows, float32 (V, n_train, D), or None.
