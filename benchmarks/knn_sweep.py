@@ -58,7 +58,7 @@ def dense_loop(train_x, train_t, test_x, test_t, subsets, labels, ks):
         for label in labels:
             C = label_spec(label).n_classes
             y_bank = torch.from_numpy(train_t[label].to_numpy()[rows])
-            y_test = torch.from_numpy(test_t[label].to_numpy())
+            y_test = torch.from_numpy(test_t[label].to_numpy().copy())  # pandas 3: read-only
             for k in ks:
                 kk = min(k, len(rows))
                 sim = torch.mm(te, bank.T)

@@ -37,8 +37,10 @@ class _PerImage:
     def __init__(self, multicrop):
         self.multicrop = multicrop
 
-    def __call__(self, images, keys):
-        per = [self.multicrop(images[i:i + 1], keys[i:i + 1]) for i in range(len(images))]
+    def __call__(self, images, keys, second=None):
+        second = images if second is None else second
+        per = [self.multicrop(images[i:i + 1], keys[i:i + 1], second[i:i + 1])
+               for i in range(len(images))]
         return [torch.cat([p[c] for p in per]) for c in range(len(per[0]))]
 
 

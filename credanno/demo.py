@@ -280,25 +280,41 @@ def _pct(v: float, sd: float | None = None) -> str:
     if v is None or not np.isfinite(v):
         return ""
     s = f"{v * 100:.2f}"
-    if sd is not None and np.isfinite(sd):
+    if sd is not None and np.isfinite(sd) and sd > 0:
         s += f" ± {sd * 100:.2f}"
     return s
 
 
 def malignancy_comparison(t1: dict) -> pd.DataFrame:
-    """Malignancy accuracy of each Table 1 configuration for each encoder."""
+    """Malignancy accuracy (fraction) of each Table 1 configuration for each encoder.
+
+    Rows are the settings in Table 1's order; columns ``<encoder>`` hold the mean over
+    seeds and ``<encoder>_sd`` the sd (NaN with one seed)."""
     recs = []
     for name, res in t1.items():
         r = res.rows
         r = r[(r["source"] == "ours") & (r["label"] == "malignancy")]
         for _, row in r.iterrows():
-            recs.append({"setting": row["setting"], "encoder": name,
-                         "acc": _pct(row["acc_mean"], row["acc_sd"] if row["n_seeds"] > 1
-                                     else None),
-                         "balanced": _pct(row["balanced_acc_mean"])})
+            recs.append({"setting": row["setting"], "encoder": name, "acc": row["acc_mean"],
+                         "sd": row["acc_sd"] if row["n_seeds"] > 1 else np.nan})
     df = pd.DataFrame(recs)
-    return df.pivot(index="setting", columns="encoder", values="acc").reindex(
-        list(dict.fromkeys(df["setting"])))[[n for n, _ in ENCODERS if n in t1]]
+    order = list(dict.fromkeys(df["setting"]))
+    names = [n for n, _ in ENCODERS if n in t1]
+    acc = df.pivot(index="setting", columns="encoder", values="acc").reindex(order)[names]
+    sd = df.pivot(index="setting", columns="encoder", values="sd").reindex(order)[names]
+    return pd.concat([acc, sd.add_suffix("_sd")], axis=1)
+
+
+def comparison_verdict(comp: pd.DataFrame) -> str:
+    """One sentence: in how many settings the teacher beats each baseline (mean over seeds)."""
+    if "teacher" not in comp:
+        return ""
+    parts = []
+    for name, words in ENCODERS[1:]:
+        if name in comp:
+            wins = int((comp["teacher"] > comp[name]).sum())
+            parts.append(f"{words} in {wins} of {len(comp)}")
+    return "The pretrained teacher beats " + " and ".join(parts) + " settings."
 
 
 def _notes_md(notes: list[str]) -> str:
@@ -321,10 +337,12 @@ def _report_text(out: Path, t1: dict, f2, f4, figures: dict[str, Path], cfg, run
             "paper's rows for those, and run on LIDC-IDRI (`credanno prepare --source lidc`) "
             "for your own.\n\n")
     comp = malignancy_comparison(t1)
-    comp_md = ["| setting | " + " | ".join(dict(ENCODERS)[c] for c in comp.columns) + " |",
-               "|---|" + "---:|" * len(comp.columns)]
+    names = [c for c in comp.columns if not c.endswith("_sd")]
+    comp_md = ["| setting | " + " | ".join(dict(ENCODERS)[c] for c in names) + " |",
+               "|---|" + "---:|" * len(names)]
     for setting, row in comp.iterrows():
-        comp_md.append(f"| {setting} | " + " | ".join(row.fillna("")) + " |")
+        cells = [_pct(row[c], row[f"{c}_sd"]) for c in names]
+        comp_md.append(f"| {setting} | " + " | ".join(cells) + " |")
     base = teacher.rows[(teacher.rows["source"] == "baseline")
                         & (teacher.rows["label"] == "malignancy")]["acc_mean"]
     total = sum(timings.values())
@@ -346,7 +364,8 @@ def _report_text(out: Path, t1: dict, f2, f4, figures: dict[str, Path], cfg, run
 {warn}Patch file: `{patch}` ({data.text}); {teacher.n_nodules} nodules, \
 {teacher.n_test_images} test images. Pretraining: preset `{cfg.preset}`, `{cfg.arch}` \
 {cfg.model_kwargs or ''}, {cfg.epochs} epochs, run `{run.run_dir}`.{loss} \
-Seeds: {seeds}. Accuracies in %, mean ± sd over seeds; attributes count as correct within \
+Seeds: {seeds}. Accuracies in %, mean ± sd over seeds (no ± where the seeds agree exactly, \
+as k-NN with all labels always does); attributes count as correct within \
 ±1 of the median rating, malignancy exactly (the paper's metric).
 
 ## Does pretraining help? Malignancy accuracy by encoder
@@ -356,6 +375,8 @@ the same architecture with random weights, and the raw pixels. The best constant
 prediction scores {_pct(float(base.iloc[0])) if len(base) else '?'}.
 
 {chr(10).join(comp_md)}
+
+{comparison_verdict(comp)}
 
 ![t-SNE of the three encoders, coloured by malignancy]({rel['tsne_compare']})
 

@@ -37,6 +37,7 @@ def test_demo_end_to_end_tiny(tmp_path, tiny_patch_file):
     for rel in ("figures/tsne.png", "figures/fig2.png", "figures/fig4.png"):
         assert f"]({rel})" in report
     assert "| HSCNN |" in report and "majority baseline" in report
+    assert "The pretrained teacher beats same architecture, random weights in " in report
     assert (tmp_path / "demo" / "tables" / "table1_teacher.csv").exists()
 
     # a second call reuses the finished run and the stores
@@ -48,6 +49,20 @@ def test_demo_end_to_end_tiny(tmp_path, tiny_patch_file):
     assert res2.stores["teacher"].stat().st_mtime_ns == mtime
     assert first < 60
     assert all(isinstance(w, str) for w in res.warnings)
+
+
+def test_comparison_verdict_counts_settings_won():
+    import numpy as np
+    import pandas as pd
+
+    from credanno.demo import comparison_verdict
+
+    comp = pd.DataFrame({"teacher": [0.8, 0.7, 0.9], "random": [0.7, 0.75, 0.6],
+                         "pixels": [0.85, 0.6, 0.9], "teacher_sd": [np.nan] * 3},
+                        index=["50-NN", "250-NN", "trained"])
+    assert comparison_verdict(comp) == ("The pretrained teacher beats same architecture, "
+                                        "random weights in 2 of 3 and raw pixels in 1 of 3 "
+                                        "settings.")
 
 
 def test_demo_bad_inputs(tmp_path, capsys):

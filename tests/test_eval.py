@@ -121,6 +121,7 @@ def test_cluster_bootstrap_resamples_nodules():
     assert all_right.tolist() == [1.0, 1.0]
     r2 = metrics.bootstrap_ci(np.stack([ok, 1 - ok], 1), groups, n_boot=2000, seed=0)
     np.testing.assert_allclose(r2[0], [lo, hi])
+    assert np.isnan(metrics.bootstrap_ci(ok, groups, n_boot=0)).all()  # no interval asked for
 
 
 # -- subsets ----------------------------------------------------------------------------

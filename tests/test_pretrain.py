@@ -10,7 +10,13 @@ from credanno.errors import CredannoError
 from credanno.pretrain.config import PretrainConfig, available_presets, load_config
 from credanno.pretrain.heads import DINOHead, MultiCropWrapper
 from credanno.pretrain.loss import DINOLoss
-from credanno.pretrain.multicrop import MultiCrop, mix64, sample_keys, uniforms
+from credanno.pretrain.multicrop import (
+    MultiCrop,
+    SameNoduleViews,
+    mix64,
+    sample_keys,
+    uniforms,
+)
 from credanno.pretrain.schedules import cosine_schedule, teacher_temperature_schedule
 from credanno.pretrain.train import clip_per_parameter, ema_update, param_groups, select_amp_dtype
 
@@ -109,6 +115,67 @@ def test_multicrop_flips_half_the_crops():
     c = mc(ramp[None].expand(64, 8, 8).contiguous(), sample_keys(0, 0, torch.arange(64)))[0]
     flipped = c[:, 0, 4, 0] > c[:, 0, 4, -1]
     assert 10 < int(flipped.sum()) < 54                  # horizontal flip with p = 0.5
+
+
+def test_local_shift_keeps_local_crops_on_the_centre():
+    """local_shift = 0 centres every local crop; 1 spreads them over the whole image."""
+    quiet = dict(global_size=16, local_size=4, n_local=8, local_scale=(1 / 16, 1 / 16),
+                 brightness=0.0, contrast=0.0, blur_sigma=(1e-3, 1e-3), channels=1,
+                 mean=0.0, std=1.0, interpolation="bilinear")
+    dot = torch.zeros(16, 16)
+    dot[6:10, 6:10] = 1.0                                  # a 4 px "nodule" in the centre
+    images, keys = dot[None].expand(32, 16, 16).contiguous(), sample_keys(0, 0, torch.arange(32))
+
+    def nodule_fraction(shift: float) -> torch.Tensor:
+        local = torch.cat(MultiCrop(local_shift=shift, **quiet)(images, keys)[2:])
+        return local.mean(dim=(1, 2, 3))
+
+    centred = nodule_fraction(0.0)
+    assert torch.all(centred > 0.85)                       # the centre, at native scale
+    spread = nodule_fraction(1.0)
+    assert float((spread < 0.1).float().mean()) > 0.3       # many crops miss the nodule
+
+
+def test_rotation_turns_crops_about_their_centre():
+    quiet = dict(global_size=16, local_size=8, n_local=0, global_scale=(1.0, 1.0),
+                 brightness=0.0, contrast=0.0, blur_sigma=(1e-3, 1e-3), channels=1,
+                 mean=0.0, std=1.0, interpolation="bilinear")
+    bar = torch.zeros(16, 16)
+    bar[7:9, 2:14] = 1.0                                   # a horizontal bar
+    images, keys = bar[None].expand(64, 16, 16).contiguous(), sample_keys(0, 0, torch.arange(64))
+
+    def n_vertical(rotation: float) -> int:
+        crops = MultiCrop(rotation=rotation, **quiet)(images, keys)[0][:, 0]
+        return int((crops[:, 2:14, 7:9].mean(dim=(1, 2))
+                    > crops[:, 7:9, 2:14].mean(dim=(1, 2))).sum())
+
+    assert n_vertical(0.0) == 0
+    assert 8 < n_vertical(90.0) < 56                      # about half turn past 45 degrees
+
+
+def test_same_nodule_views_pick_another_patch_of_the_nodule():
+    nodules = np.array(["a", "b", "a", "c", "a", "b"])
+    rows = torch.arange(6).repeat(40)
+    keys = sample_keys(3, 1, torch.arange(len(rows)))
+    partner = SameNoduleViews(nodules, p=1.0)(rows, keys)
+    for r in range(6):
+        got = set(partner[rows == r].tolist())
+        others = set(np.flatnonzero(nodules == nodules[r]).tolist()) - {r}
+        assert got == (others or {r})                    # every other patch, never itself
+    assert torch.equal(SameNoduleViews(nodules, p=0.0)(rows, keys), rows)
+    half = SameNoduleViews(nodules, p=0.5)(rows, keys)
+    assert 0.25 < float((half != rows)[nodules[rows] != "c"].float().mean()) < 0.75
+    # a pure function of (row, key): a sub-batch draws the same partners
+    assert torch.equal(SameNoduleViews(nodules, 1.0)(rows[7:19], keys[7:19]), partner[7:19])
+
+
+def test_multicrop_second_images_feed_crop_two_and_the_locals():
+    quiet = dict(global_size=8, local_size=4, n_local=2, brightness=0.0, contrast=0.0,
+                 blur_sigma=(1e-3, 1e-3), channels=1, mean=0.0, std=1.0)
+    dark, bright = torch.zeros(4, 8, 8), torch.full((4, 8, 8), 0.4)  # below solarisation
+    keys = sample_keys(0, 0, torch.arange(4))
+    crops = MultiCrop(**quiet)(dark, keys, bright)
+    assert crops[0].max() == 0 and all(c.min() > 0.3 for c in crops[1:])
 
 
 def test_param_groups_clip_and_ema():

