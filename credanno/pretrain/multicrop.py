@@ -4,7 +4,9 @@ Each image gives 2 global crops and ``n_local`` local crops (Caron et al. 2021, 
 the paper's section 3.1): random resized crop (bicubic) and horizontal flip, colour jitter
 (brightness and contrast, p = 0.8; saturation, hue and greyscale are no-ops on grey patches),
 Gaussian blur (p = 1.0 / 0.1 / 0.5 for global 1 / global 2 / local crops) and solarisation
-(p = 0.2 on global 2), then normalisation with the LIDC mean/std and 3 channels.
+(p = 0.2 on global 2), then normalisation with the LIDC mean/std and 3 channels. Options for
+nodule-centred patches (off by default): local crops kept near the centre, in-plane rotation,
+and crop 2 and the local crops taken from a second image (see :mod:`.nodule_views`).
 
 Randomness is *counter-based*: every random number is a hash of (run seed, epoch, image
 index, crop, parameter), computed with integer tensor ops. An image's crops therefore do not
@@ -205,48 +207,3 @@ class MultiCrop:
         y = F.conv2d(y, kernel[:, None, None, :], groups=n)
         return y.reshape(n, 1, hgt, wid)
 
-
-class SameNoduleViews:
-    """Picks, per image, another radiologist's patch of the same nodule.
-
-    LIDC nodules carry up to four annotations, each with its own central slice, so their
-    patches are natural views of one nodule that differ in slice, outline and surroundings
-    (on the phantom: in every rendered intensity, vessel and noise). With probability ``p``
-    an image's second global crop and its local crops come from such a partner, which asks
-    DINO for features shared by the nodule's views rather than by one patch's background.
-    No rating is used: nodule identity is pylidc's clustering of the annotations.
-
-    The choice is a pure function of the image's key (counter-based, as the crops), so it
-    does not depend on batch, rank or device. Nodules with one annotation are their own
-    partner.
-    """
-
-    def __init__(self, nodule_ids, p: float, device: torch.device | str = "cpu"):
-        import numpy as np
-
-        ids = np.asarray(nodule_ids)
-        order = np.argsort(ids, kind="stable")
-        _, first, inverse, counts = np.unique(ids[order], return_index=True,
-                                              return_inverse=True, return_counts=True)
-        pos = np.empty(len(ids), dtype=np.int64)
-        pos[order] = np.arange(len(ids)) - first[inverse]
-        start = np.empty(len(ids), dtype=np.int64)
-        start[order] = first[inverse]
-        count = np.empty(len(ids), dtype=np.int64)
-        count[order] = counts[inverse]
-        self.p = float(p)
-        self.members = torch.as_tensor(order, device=device)   # rows grouped by nodule
-        self.start = torch.as_tensor(start, device=device)     # row -> first slot of its nodule
-        self.count = torch.as_tensor(count, device=device)     # row -> annotations of its nodule
-        self.pos = torch.as_tensor(pos, device=device)         # row -> its own slot
-
-    def __call__(self, indices: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Partner row of each row in ``indices`` (the row itself where none is drawn)."""
-        u = uniforms(mix64(keys ^ _M1), 2)
-        count, pos = self.count[indices], self.pos[indices]
-        others = (count - 1).clamp(min=1)
-        pick = (u[:, 1] * others).long().clamp(max=others - 1)
-        pick = pick + (pick >= pos).long()                   # skip the image itself
-        partner = self.members[self.start[indices] + pick.clamp(max=count - 1)]
-        use = (u[:, 0] < self.p) & (count > 1)
-        return torch.where(use, partner, indices)

@@ -36,7 +36,8 @@ from credanno.pretrain.checkpoint import (
 from credanno.pretrain.config import PretrainConfig, save_config
 from credanno.pretrain.heads import LAST_LAYER, DINOHead, MultiCropWrapper
 from credanno.pretrain.loss import DINOLoss
-from credanno.pretrain.multicrop import MultiCrop, SameNoduleViews, mix64, sample_keys
+from credanno.pretrain.multicrop import MultiCrop, mix64, sample_keys
+from credanno.pretrain.nodule_views import SameNoduleViews
 from credanno.pretrain.schedules import cosine_schedule, teacher_temperature_schedule
 from credanno.transforms import EvalTransform
 
