@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from credanno._atomic import atomic_path
+from credanno.bench.table1 import mean_sd_pct
 from credanno.errors import CredannoWarning
 
 #: label fractions of the demo's Fig. 4 for k-NN and the trained predictors (seconds each)
@@ -276,15 +277,6 @@ def _compare_figure(maps: dict, caption_source: str):
     return fig
 
 
-def _pct(v: float, sd: float | None = None) -> str:
-    if v is None or not np.isfinite(v):
-        return ""
-    s = f"{v * 100:.2f}"
-    if sd is not None and np.isfinite(sd) and sd > 0:
-        s += f" ± {sd * 100:.2f}"
-    return s
-
-
 def malignancy_comparison(t1: dict) -> pd.DataFrame:
     """Malignancy accuracy (fraction) of each Table 1 configuration for each encoder.
 
@@ -341,7 +333,7 @@ def _report_text(out: Path, t1: dict, f2, f4, figures: dict[str, Path], cfg, run
     comp_md = ["| setting | " + " | ".join(dict(ENCODERS)[c] for c in names) + " |",
                "|---|" + "---:|" * len(names)]
     for setting, row in comp.iterrows():
-        cells = [_pct(row[c], row[f"{c}_sd"]) for c in names]
+        cells = [mean_sd_pct(row[c], row[f"{c}_sd"]) for c in names]
         comp_md.append(f"| {setting} | " + " | ".join(cells) + " |")
     base = teacher.rows[(teacher.rows["source"] == "baseline")
                         & (teacher.rows["label"] == "malignancy")]["acc_mean"]
@@ -372,7 +364,7 @@ as k-NN with all labels always does); attributes count as correct within \
 
 The same k-NN and trained predictors on three feature stores: the DINO-pretrained teacher,
 the same architecture with random weights, and the raw pixels. The best constant
-prediction scores {_pct(float(base.iloc[0])) if len(base) else '?'}.
+prediction scores {mean_sd_pct(float(base.iloc[0])) if len(base) else '?'}.
 
 {chr(10).join(comp_md)}
 

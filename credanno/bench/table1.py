@@ -100,12 +100,18 @@ class Table1Result:
         return path
 
 
-def _fmt(mean: float, sd: float, n_seeds: int) -> str:
+def mean_sd_pct(mean: float | None, sd: float | None = None) -> str:
+    """``"83.61 ± 1.28"`` from fractions; no ± without an sd or where it is 0 (the seeds
+    agreed exactly, as k-NN with all labels always does); ``""`` for a missing mean."""
     if mean is None or not np.isfinite(mean):
         return ""
-    if n_seeds > 1 and np.isfinite(sd) and sd > 0:  # sd 0: the seeds drew the same labels
+    if sd is not None and np.isfinite(sd) and sd > 0:
         return f"{mean * 100:.2f} ± {sd * 100:.2f}"
     return f"{mean * 100:.2f}"
+
+
+def _fmt(mean: float, sd: float, n_seeds: int) -> str:
+    return mean_sd_pct(mean, sd if n_seeds > 1 else None)
 
 
 def table1_markdown(rows: pd.DataFrame, metric: str = "acc", paper: bool = True) -> str:
