@@ -12,11 +12,13 @@ from credanno.errors import CredannoError
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, overwrite: bool = True,
+                option: str = "--out") -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
 
     On any exception (including KeyboardInterrupt) the temporary file is removed and
-    whatever already stood at ``path`` is left untouched.
+    whatever already stood at ``path`` is left untouched. ``option`` names the command-line
+    option that chose ``path``, for error messages.
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -27,7 +29,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
         os.close(fd)
     except OSError as exc:
         raise CredannoError(
-            f"cannot write to {path.parent} ({exc.strerror}); choose a writable --out"
+            f"cannot write to {path.parent} ({exc.strerror}); choose a writable {option}"
         ) from None
     tmp_path = Path(tmp)
     try:
