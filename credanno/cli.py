@@ -8,6 +8,7 @@ Subcommands live in :mod:`credanno.commands` and are imported only when invoked,
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import warnings
 
@@ -53,7 +54,9 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup)
 @click.version_option(__version__, prog_name="credanno")
-def cli() -> None:
+@click.option("--traceback", is_flag=True,
+              help="Show the full traceback of an error (also: CREDANNO_TRACEBACK=1).")
+def cli(traceback: bool) -> None:
     """cRedAnno: explainable lung-nodule diagnosis from self-supervised features."""
 
 
@@ -67,25 +70,62 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 _default_showwarning = warnings.showwarning
 
 
+#: Set to 1 to see the full traceback of an error (for developers and bug reports).
+TRACEBACK_ENV = "CREDANNO_TRACEBACK"
+
+
+def _os_error_line(exc: OSError) -> str:
+    """One line for an OS error no library code turned into a CredannoError."""
+    from pathlib import Path
+
+    from credanno._atomic import os_error
+
+    if exc.filename is None:
+        reason = exc.strerror or str(exc).splitlines()[0]
+        return f"{reason}; rerun with {TRACEBACK_ENV}=1 for details"
+    return str(os_error(exc, Path(exc.filename)))
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the group, turning user errors into one line."""
+    """Console entry point: run the group, turning user errors into one line.
+
+    ``credanno --traceback CMD`` (or ``CREDANNO_TRACEBACK=1``) lets errors propagate with
+    their traceback instead.
+    """
     warnings.showwarning = _show_warning
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0")
+    if args[:1] == ["--traceback"]:
+        args, debug = args[1:], True
     try:
-        rc = cli.main(args=argv, prog_name="credanno", standalone_mode=False)
+        rc = cli.main(args=args, prog_name="credanno", standalone_mode=False)
         if isinstance(rc, int) and rc:
             sys.exit(rc)
-    except CredannoError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
     except click.exceptions.Abort:
-        click.echo("error: interrupted; nothing partial was left behind", err=True)
-        sys.exit(130)
+        _fail("interrupted; nothing partial was left behind", 130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("error: interrupted; nothing partial was left behind", err=True)
-        sys.exit(130)
+        _fail("interrupted; nothing partial was left behind", 130)
+    except CredannoError as exc:
+        if debug:
+            raise
+        _fail(str(exc), exc.exit_code)
     except FileNotFoundError as exc:
-        click.echo(f"error: file not found: {exc.filename}", err=True)
-        sys.exit(2)
+        if debug:
+            raise
+        _fail(f"file not found: {exc.filename}", 2)
+    except OSError as exc:
+        if debug:
+            raise
+        _fail(_os_error_line(exc), 2)
+    except MemoryError:
+        if debug:
+            raise
+        _fail("out of memory; use a smaller --batch-size or fewer rows", 2)

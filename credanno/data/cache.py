@@ -17,9 +17,9 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from credanno._atomic import atomic_path
 from credanno.errors import CredannoError
 from credanno.paths import cache_dir
+from credanno.stores.h5image import write_h5_whole
 
 _STR = h5py.string_dtype("utf-8")
 
@@ -40,20 +40,22 @@ def save_cached(path: Path, table: pd.DataFrame, arrays: dict[str, np.ndarray],
 
     A cache is an optimisation: an unwritable cache directory is silently skipped.
     """
+    def fill(f: h5py.File) -> None:
+        g = f.create_group("table")
+        g.attrs["columns"] = list(map(str, table.columns))
+        for col in table.columns:
+            values = table[col].to_numpy()
+            if values.dtype == object or values.dtype.kind in "USO":
+                g.create_dataset(col, data=np.array([str(v) for v in values], dtype=object),
+                                 dtype=_STR)
+            else:
+                g.create_dataset(col, data=values)
+        for name, arr in arrays.items():
+            f.create_dataset(name, data=arr, compression="gzip", compression_opts=1)
+        f.attrs["meta"] = json.dumps(meta)
+
     try:
-        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-            g = f.create_group("table")
-            g.attrs["columns"] = list(map(str, table.columns))
-            for col in table.columns:
-                values = table[col].to_numpy()
-                if values.dtype == object or values.dtype.kind in "USO":
-                    g.create_dataset(col, data=np.array([str(v) for v in values], dtype=object),
-                                     dtype=_STR)
-                else:
-                    g.create_dataset(col, data=values)
-            for name, arr in arrays.items():
-                f.create_dataset(name, data=arr, compression="gzip", compression_opts=1)
-            f.attrs["meta"] = json.dumps(meta)
+        write_h5_whole(path, fill)
     except (OSError, CredannoError):
         pass
 

@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from credanno import __version__
-from credanno._atomic import atomic_path
 from credanno.errors import CredannoError
+from credanno.stores.h5image import write_h5_whole
 from credanno.table import read_table, write_table
 
 SCHEMA = "credanno.patches"
@@ -58,13 +58,14 @@ def write_patch_file(path: str | os.PathLike, images: np.ndarray, table: pd.Data
     for key, value in (attrs or {}).items():
         meta[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value)
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("images", data=images, chunks=(min(256, len(images)) or 1,
-                                                           *images.shape[1:]))
-            write_table(f.create_group("table"), table.reset_index(drop=True))
-            f.attrs.update(meta)
-    return path
+
+    def fill(f: h5py.File) -> None:
+        f.create_dataset("images", data=images, chunks=(min(256, len(images)) or 1,
+                                                       *images.shape[1:]))
+        write_table(f.create_group("table"), table.reset_index(drop=True))
+        f.attrs.update(meta)
+
+    return write_h5_whole(path, fill)
 
 
 def _open(path: Path) -> h5py.File:

@@ -8,6 +8,7 @@ augmented view) has been written. An exception, Ctrl-C or a missing batch leaves
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import os
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from credanno import __version__
-from credanno._atomic import atomic_path
+from credanno._atomic import atomic_path, check_space, space_error
 from credanno.errors import CredannoError
 from credanno.stores.schema import (
     CHUNK_BYTES,
@@ -99,6 +100,10 @@ class StoreWriter(AbstractContextManager):
                         _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         self.provenance = meta
 
+        if compression is None:  # compressed sizes are unknown; the table is checked below
+            check_space(self.path, self._needed_bytes())
+        else:
+            check_space(self.path, self._needed_bytes() - self._feature_bytes())
         self._atomic = atomic_path(self.path, overwrite=overwrite)
         tmp = self._atomic.__enter__()
         try:
@@ -115,6 +120,15 @@ class StoreWriter(AbstractContextManager):
         except BaseException as exc:
             self._discard(exc)
             raise
+
+    def _feature_bytes(self) -> int:
+        per_row = sum(self.feature_sets.values()) * self.dtype.itemsize
+        return per_row * (self.n + self.n_views * len(self.train_rows))
+
+    def _needed_bytes(self) -> int:
+        """Features, views, the table (strings counted generously) and HDF5's metadata."""
+        table = sum(64 if self.table[c].dtype == object else 8 for c in self.table.columns)
+        return self._feature_bytes() + table * self.n + (256 << 10)
 
     def _create_layout(self, compression: str | None) -> None:
         f = self._file
@@ -178,9 +192,7 @@ class StoreWriter(AbstractContextManager):
             os.posix_fallocate(fd, start, stop - start)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
-                raise CredannoError(
-                    f"not enough disk space for {self.path} ({(stop - start) / 1e9:.2f} GB of "
-                    "features); free space or choose another --out") from None
+                raise space_error(self.path) from None
             # Filesystems without fallocate (some network mounts) just write more slowly.
         finally:
             os.close(fd)
@@ -310,7 +322,10 @@ class StoreWriter(AbstractContextManager):
         self._closed = True
         try:
             if getattr(self, "_file", None) is not None and self._file.id.valid:
-                self._file.close()
+                # The file is thrown away: a failing close (full disk) must not mask the
+                # error that made us discard it.
+                with contextlib.suppress(Exception):
+                    self._file.close()
         finally:
             err = exc if exc is not None else CredannoError("aborted")
             self._atomic.__exit__(type(err), err, None)
