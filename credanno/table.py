@@ -59,10 +59,67 @@ def write_table(group: h5py.Group, df: pd.DataFrame) -> None:
             group.create_dataset(col, data=values)
 
 
+def _column_names(group: h5py.Group) -> list[str]:
+    names = group.attrs.get("columns", list(group.keys()))
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+def table_problem(group: h5py.Group, n_rows: int | None = None) -> str | None:
+    """What is wrong with the table's layout (None when nothing), from shapes alone.
+
+    Every listed column must exist as a 1-D dataset, all of one length (``n_rows`` when
+    given), and the ``split`` column must be there; no data is read, so this is cheap
+    enough to run at every open.
+    """
+    if not isinstance(group, h5py.Group):
+        return "'/table' is not a group"
+    names = _column_names(group)
+    if "split" not in names:
+        return "the table has no 'split' column"
+    lengths: dict[str, int] = {}
+    for col in names:
+        ds = group.get(col)
+        if not isinstance(ds, h5py.Dataset):
+            return f"table column {col!r} is missing"
+        if ds.ndim != 1:
+            return f"table column {col!r} has shape {ds.shape}, not one value per row"
+        lengths[col] = int(ds.shape[0])
+    want = n_rows if n_rows is not None else lengths["split"]
+    what = "n_rows says" if n_rows is not None else "'split' has"
+    bad = {c: n for c, n in lengths.items() if n != want}
+    if bad:
+        shown = ", ".join(f"{c!r} has {n} rows" for c, n in list(bad.items())[:3])
+        more = f" (and {len(bad) - 3} more columns)" if len(bad) > 3 else ""
+        return f"table column lengths differ: {shown}{more}; {what} {want}"
+    return None
+
+
+def split_problem(values: np.ndarray) -> str | None:
+    """Unknown values of a ``split`` column, named (None when all are train/test)."""
+    bad = sorted(set(np.unique(np.asarray(values, dtype=str)).tolist()) - set(SPLITS))
+    if bad:
+        shown = bad[:5] + (["..."] if len(bad) > 5 else [])
+        return f"split column has values {shown}; allowed: {list(SPLITS)}"
+    return None
+
+
+def table_length(group: h5py.Group, n_rows: int | None = None) -> int:
+    """Rows of a valid table (see :func:`table_problem`); error naming the file otherwise."""
+    problem = table_problem(group, n_rows)
+    if problem:
+        raise CredannoError(f"{group.file.filename}: {problem} (damaged file); re-create it")
+    return int(group["split"].shape[0])
+
+
 def read_table(group: h5py.Group, rows: np.ndarray | slice | None = None,
                columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """Read the table (or some rows/columns) written by :func:`write_table`."""
-    names = list(group.attrs.get("columns", list(group.keys())))
+    """Read the table (or some rows/columns) written by :func:`write_table`.
+
+    The layout is checked first (:func:`table_problem`) and unknown ``split`` values are an
+    error: a short column would otherwise silently misalign rows.
+    """
+    table_length(group)
+    names = _column_names(group)
     if columns is not None:
         unknown = [c for c in columns if c not in names]
         if unknown:
@@ -80,4 +137,6 @@ def read_table(group: h5py.Group, rows: np.ndarray | slice | None = None,
     for col in df.columns:
         if df[col].dtype == object:
             df[col] = df[col].astype(str)
+    if "split" in df.columns and (problem := split_problem(df["split"].to_numpy())):
+        raise CredannoError(f"{group.file.filename}: {problem} (damaged file); re-create it")
     return df

@@ -5,7 +5,11 @@ Layout (documented in the README):
 - ``/images``: (N, H, W) float32 in [0, 1], one grey patch per LIDC annotation;
 - ``/table/<column>``: the per-image table of :mod:`credanno.table`;
 - root attributes: ``schema`` ("credanno.patches"), ``schema_version``, ``source``,
-  ``selection`` (JSON), ``seed``, ``intensity``, ``credanno_version``, ``created``.
+  ``selection`` (JSON), ``seed``, ``intensity``, ``credanno_version``, ``created``,
+  ``content_id`` (a random hex id written with the file: same id, same content).
+
+Every open checks the layout from dataset shapes: ``/images`` is (N, H, H) with N equal to
+the table's rows, every table column has N rows, and ``split`` holds only train/test.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +30,7 @@ import pandas as pd
 from credanno import __version__
 from credanno.errors import CredannoError
 from credanno.stores.h5image import write_h5_whole
-from credanno.table import read_table, write_table
+from credanno.table import read_table, split_problem, table_problem, write_table
 
 SCHEMA = "credanno.patches"
 SCHEMA_VERSION = 1
@@ -47,9 +52,9 @@ def write_patch_file(path: str | os.PathLike, images: np.ndarray, table: pd.Data
                      attrs: dict[str, Any] | None = None) -> Path:
     """Write a patch file atomically (temp file, then rename). Returns the path."""
     images = np.asarray(images, dtype=np.float32)
-    if images.ndim != 3 or len(images) != len(table):
-        raise CredannoError(
-            f"images must be (N, H, W) with N = {len(table)} table rows; got {images.shape}")
+    if images.ndim != 3 or len(images) != len(table) or images.shape[1] != images.shape[2]:
+        raise CredannoError(f"images must be square (N, H, H) with N = {len(table)} table "
+                            f"rows; got {images.shape}")
     if not np.isfinite(images).all():
         raise CredannoError("patch images contain NaN or Inf; fix the patch source")
     meta = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
@@ -57,6 +62,9 @@ def write_patch_file(path: str | os.PathLike, images: np.ndarray, table: pd.Data
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     for key, value in (attrs or {}).items():
         meta[key] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value)
+    # A fresh id per written file: readers and caches can tell two files apart (or know
+    # one unchanged) without hashing the images.
+    meta["content_id"] = uuid.uuid4().hex
     path = Path(path)
 
     def fill(f: h5py.File) -> None:
@@ -77,22 +85,63 @@ def _open(path: Path) -> h5py.File:
         raise CredannoError(
             f"{path} is not a readable HDF5 file (truncated or corrupt); "
             "re-create it with `credanno prepare`") from None
-    if f.attrs.get("schema") != SCHEMA:
+    try:
+        _check(f, path)
+    except BaseException:
         f.close()
+        raise
+    return f
+
+
+def _check(f: h5py.File, path: Path) -> None:
+    schema = f.attrs.get("schema")
+    if (schema.decode() if isinstance(schema, bytes) else schema) != SCHEMA:
         raise CredannoError(f"{path} is not a credanno patch file; create one with "
                             "`credanno prepare`")
-    if int(f.attrs.get("schema_version", 0)) > SCHEMA_VERSION:
-        f.close()
+    try:
+        version = int(f.attrs.get("schema_version", 0))
+        problem = _layout_problem(f)
+    except (OSError, TypeError, ValueError, KeyError) as exc:
+        problem = f"it cannot be read ({str(exc).splitlines()[0] if str(exc) else exc!r})"
+        version = 0
+    if version > SCHEMA_VERSION:
         raise CredannoError(f"{path} has a newer patch-file schema; upgrade credanno")
-    return f
+    if problem:
+        raise CredannoError(f"{path} is a damaged patch file: {problem}; re-create it with "
+                            "`credanno prepare`")
+
+
+def _layout_problem(f: h5py.File) -> str | None:
+    """What is wrong with the images/table layout (None when nothing), from shapes only."""
+    if not isinstance(f.get("images"), h5py.Dataset):
+        return "it has no /images dataset"
+    if not isinstance(f.get("table"), h5py.Group):
+        return "it has no /table group"
+    problem = table_problem(f["table"])
+    if problem:
+        return problem
+    shape = f["images"].shape
+    n_rows = f["table"]["split"].shape[0]
+    if len(shape) != 3:
+        return f"/images has shape {shape}, not (N, H, W)"
+    if shape[0] != n_rows:
+        return f"/images holds {shape[0]} images but the table has {n_rows} rows"
+    if shape[1] != shape[2] or shape[1] < 1:
+        # embed and pretrain both need square patches; refusing here covers every reader
+        return f"/images are {shape[1]} x {shape[2]} pixels, not square"
+    return split_problem(f["table"]["split"].asstr()[...])
 
 
 def read_patch_file(path: str | os.PathLike, *, images: bool = True) -> PatchSet:
     """Read a patch file. ``images=False`` reads only the table and attributes."""
     path = Path(path)
     with _open(path) as f:
-        table = read_table(f["table"])
-        imgs = f["images"][...] if images else np.empty((0, 0, 0), np.float32)
+        try:
+            table = read_table(f["table"])
+            imgs = f["images"][...] if images else np.empty((0, 0, 0), np.float32)
+        except OSError as exc:
+            raise CredannoError(f"cannot read {path} ({str(exc).splitlines()[0]}); the file "
+                                "is damaged; re-create it with `credanno prepare`") from None
         attrs = {}
         for key, value in f.attrs.items():
             if isinstance(value, bytes):

@@ -5,6 +5,15 @@ for, a split at a time, straight into one preallocated array (rows of a split ar
 contiguous range in table order, so that is usually a single HDF5 read). Each process
 opens its own handle: a :class:`Store` pickled to a worker re-opens the file there, and
 one used after ``fork`` re-opens itself, so HDF5 handles are never shared.
+
+A :class:`Store` reads one file for its whole life: it records the file's identity at open
+(device, inode, size and the ``content_id`` the writer stamps at close) and a re-open that
+finds another file at the path (the store was re-embedded meanwhile) is refused, rather
+than reading new data under old metadata.
+
+Opening checks the layout from dataset shapes: every table column and feature set has
+``n_rows`` rows, ``feature_sets`` and ``provenance`` are JSON objects, ``split`` holds only
+train/test; a damaged store is refused with one line instead of giving wrong results later.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from credanno.stores.schema import (
     h5open,
     is_lock_error,
 )
-from credanno.table import SPLITS, read_table
+from credanno.table import SPLITS, read_table, split_problem, table_problem
 
 _REMAKE = "re-create it with `credanno embed`"
 #: Above this many contiguous pieces a split is read block-wise instead of piece by piece.
@@ -48,6 +57,20 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
             for a, b in zip(starts, stops, strict=True)]
 
 
+#: What identifies the file a store was opened on: (device, inode, size, content_id).
+Identity = tuple[int, int, int, "str | None"]
+
+
+def _int_attr(attrs: Any, key: str, default: Any = None) -> int:
+    value = decode_attr(attrs[key] if default is None else attrs.get(key, default))
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        try:
+            value = int(str(value))
+        except ValueError:
+            raise CredannoError(f"attribute {key!r} is {value!r}, not an integer") from None
+    return int(value)
+
+
 class Store:
     """A feature store opened read-only (use :func:`open`)."""
 
@@ -55,37 +78,83 @@ class Store:
         self.path = Path(path)
         self._locking = locking
         self._file: h5py.File | None = None
+        self._closed = False
         self._split_col: np.ndarray | None = None
+        # Set by the first open; every later open (after fork, in a worker) must find the
+        # very same file, or the metadata read here would describe another file's data.
+        self._identity: Identity | None = None
         self._connect()
-        f = self._h5
         try:
-            self.schema_version = int(decode_attr(f.attrs["schema_version"]))
-            self.n = int(decode_attr(f.attrs["n_rows"]))
-            dims = from_json(f.attrs["feature_sets"], "feature_sets", self.path)
-            self.default_kind = str(decode_attr(f.attrs.get("default_kind", "cls")))
-            self.n_views = int(decode_attr(f.attrs.get("n_views", 0)))
-            self.provenance: dict[str, Any] = from_json(f.attrs["provenance"], "provenance",
-                                                         self.path)
-            columns = [str(decode_attr(c)) for c in f["table"].attrs.get("columns", [])]
-            feats = f["features"]
-            for kind, dim in dims.items():
-                ds = feats[kind]
-                if ds.shape != (self.n, int(dim)):
-                    raise CredannoError(
-                        f"{self.path}: feature set {kind!r} has shape {ds.shape}, expected "
-                        f"({self.n}, {dim}) (corrupt store); {_REMAKE}")
+            self._load_layout(self._h5)
         except KeyError as exc:
             self.close()
             raise CredannoError(f"{self.path} lacks {exc.args[0] if exc.args else 'a part'} "
                                 f"(damaged or incomplete store); {_REMAKE}") from None
+        except OSError as exc:
+            self.close()
+            raise CredannoError(f"cannot read {self.path} ({str(exc).splitlines()[0]}); the "
+                                f"file is damaged; {_REMAKE}") from None
         except CredannoError:
             self.close()
             raise
-        self._dims: dict[str, int] = {k: int(v) for k, v in dims.items()}
+
+    def _damaged(self, problem: str) -> CredannoError:
+        return CredannoError(f"{self.path} is a damaged store: {problem}; {_REMAKE}")
+
+    def _load_layout(self, f: h5py.File) -> None:
+        """Read and check the attributes, and the table's and datasets' shapes."""
+        try:
+            self.schema_version = _int_attr(f.attrs, "schema_version")
+            self.n = _int_attr(f.attrs, "n_rows")
+            self.n_views = _int_attr(f.attrs, "n_views", 0)
+        except CredannoError as exc:
+            raise self._damaged(str(exc)) from None
+        if self.n < 0 or self.n_views < 0:
+            raise self._damaged(f"n_rows {self.n} / n_views {self.n_views} is negative")
+        dims = from_json(f.attrs["feature_sets"], "feature_sets", self.path)
+        if not isinstance(dims, dict) or not dims or not all(
+                isinstance(k, str) and k and type(v) is int and v > 0 for k, v in dims.items()):
+            raise self._damaged(f"attribute 'feature_sets' is {_brief(dims)}, not a JSON "
+                                "object of names to positive dimensions")
+        self.default_kind = str(decode_attr(f.attrs.get("default_kind", "cls")))
+        provenance = from_json(f.attrs["provenance"], "provenance", self.path)
+        if not isinstance(provenance, dict):
+            raise self._damaged(f"attribute 'provenance' is {_brief(provenance)}, not a JSON "
+                                "object")
+        self.provenance: dict[str, Any] = provenance
+        table = f["table"]
+        problem = table_problem(table, self.n)
+        if problem:
+            raise self._damaged(problem)
+        columns = [str(decode_attr(c)) for c in table.attrs.get("columns", list(table))]
+        feats = f["features"]
+        for kind, dim in dims.items():
+            ds = feats[kind]
+            if not isinstance(ds, h5py.Dataset) or ds.shape != (self.n, dim):
+                raise self._damaged(f"feature set {kind!r} has shape "
+                                    f"{getattr(ds, 'shape', None)}, expected ({self.n}, {dim})")
+        # Every split read goes through this column, so check (and keep) it now: unknown
+        # values would otherwise drop rows silently from both splits.
+        self._split_col = table["split"].asstr()[...]
+        problem = split_problem(self._split_col)
+        if problem:
+            raise self._damaged(problem)
+        self._check_views(f, dims, int(np.count_nonzero(self._split_col == "train")))
+        self._dims: dict[str, int] = dict(dims)
         self._columns = columns
         self.feature_sets: list[str] = list(self._dims)
         self.label_names: list[str] = [n for n in LABEL_NAMES if n in columns]
-        self.dim = self._dims.get(self.default_kind, next(iter(self._dims.values()), 0))
+        self.dim = self._dims.get(self.default_kind, next(iter(self._dims.values())))
+
+    def _check_views(self, f: h5py.File, dims: dict[str, int], n_train: int) -> None:
+        if not self.n_views or "views" not in f:
+            return
+        for kind in f["views"]:
+            ds = f["views"][kind]
+            want = (self.n_views, n_train, dims.get(kind, -1))
+            if not isinstance(ds, h5py.Dataset) or ds.shape != want:
+                raise self._damaged(f"views {kind!r} have shape {getattr(ds, 'shape', None)}, "
+                                    f"expected {want}")
 
     @property
     def dims(self) -> dict[str, int]:
@@ -97,6 +166,9 @@ class Store:
     def _connect(self) -> None:
         path = self.path
         if not path.exists():
+            if self._identity is not None:
+                raise CredannoError(f"{path} was removed since it was opened; open it again "
+                                    "with stores.open once it exists")
             raise CredannoError(f"feature store {path} not found; create it with "
                                 "`credanno embed` (or name an existing stores/*.h5)")
         try:
@@ -105,30 +177,48 @@ class Store:
             if is_lock_error(exc):
                 raise CredannoError(f"cannot lock {path} for reading "
                                     f"({str(exc).splitlines()[0]}); {LOCK_HINT}") from None
+            if self._identity is not None:
+                raise CredannoError(f"{path} was replaced since it was opened (now not a "
+                                    "readable HDF5 file); open it again with stores.open") from None
             raise CredannoError(f"{path} is not a readable HDF5 file (truncated or corrupt); "
                                 f"{_REMAKE}") from None
+        try:
+            self._identity = self._check_file(f, path)
+        except BaseException:
+            f.close()
+            raise
+        self._file = f
+        self._pid = os.getpid()
+
+    def _check_file(self, f: h5py.File, path: Path) -> Identity:
+        """The open file's identity, after checking it is the expected file and a store."""
+        identity = _identity(f, path)
+        if self._identity is not None and identity != self._identity:
+            raise CredannoError(f"{path} was replaced since it was opened (different file); "
+                                "open it again with stores.open")
         schema = decode_attr(f.attrs.get("schema", ""))
         if schema != SCHEMA:
-            f.close()
             if schema == "credanno.patches":
                 raise CredannoError(f"{path} is a patch file, not a feature store; embed it "
                                     f"with `credanno embed --data {path}`")
             raise CredannoError(f"{path} is not a credanno feature store (schema "
                                 f"{schema or 'missing'}); create one with `credanno embed`")
-        version = int(decode_attr(f.attrs.get("schema_version", 0)))
+        try:
+            version = _int_attr(f.attrs, "schema_version", 0)
+        except CredannoError as exc:
+            raise self._damaged(str(exc)) from None
         if version > SCHEMA_VERSION:
-            f.close()
             raise CredannoError(f"{path} has store schema version {version}, newer than this "
                                 f"credanno reads ({SCHEMA_VERSION}); upgrade credanno")
-        self._file = f
-        self._pid = os.getpid()
+        return identity
 
     @property
     def _h5(self) -> h5py.File:
-        if self._file is None:
+        if self._closed:
             raise CredannoError(f"store {self.path} is closed; open it again with stores.open")
-        if self._pid != os.getpid():
-            # After fork the inherited handle belongs to the parent: open our own.
+        if self._file is None or self._pid != os.getpid():
+            # After fork the inherited handle belongs to the parent, and an unpickled store
+            # has none: open our own, on the same file as the first open (or refuse).
             self._file = None
             self._connect()
         return self._file
@@ -137,6 +227,7 @@ class Store:
         if self._file is not None and self._pid == os.getpid():
             self._file.close()
         self._file = None
+        self._closed = True
 
     def __enter__(self) -> Store:
         return self
@@ -144,9 +235,19 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __reduce__(self):
-        # Pickling (multiprocessing) sends the path; the worker opens its own handle.
-        return (open_store, (str(self.path), self._locking))
+    @property
+    def content_id(self) -> str | None:
+        """The id the writer stamped on this file (None for stores of older versions)."""
+        return self._identity[3] if self._identity else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickling (multiprocessing) sends the metadata and the file's identity, no handle:
+        # the worker opens its own at first use, on the same file or not at all. Opening
+        # lazily makes a replaced file an error inside the worker's task (where it reaches
+        # the caller) rather than while unpickling (which kills a Pool's worker).
+        state = dict(self.__dict__)
+        state.update(_file=None, _pid=None, _closed=False, _split_col=None)
+        return state
 
     def __repr__(self) -> str:
         sets = ", ".join(f"{k} {d}" for k, d in self._dims.items())
@@ -278,6 +379,22 @@ class Store:
             return out
 
         return self._read(read)
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
+
+
+def _identity(f: h5py.File, path: Path) -> Identity:
+    """(device, inode, size, content_id) of the file ``f`` has open."""
+    try:
+        st = os.fstat(f.id.get_vfd_handle())  # the open file itself, not whatever is at path
+    except (OSError, TypeError, ValueError, NotImplementedError):
+        st = os.stat(path)
+    cid = decode_attr(f.attrs.get("content_id", None))
+    return (int(st.st_dev), int(st.st_ino), int(st.st_size),
+            None if cid is None else str(cid))
 
 
 def open_store(path: str | os.PathLike, locking: bool | str | None = None) -> Store:

@@ -6,7 +6,8 @@ A store is one HDF5 file (see ``docs/stores.md`` for the full schema)::
     /views/<kind>      (V, N_train, D) augmented views of the training rows (optional)
     /table/<column>    the per-image table of :mod:`credanno.table`, rows in table order
     root attributes    schema, schema_version, n_rows, feature_sets, default_kind,
-                       n_views, provenance (JSON), credanno_version, created
+                       n_views, provenance (JSON), credanno_version, created,
+                       content_id (random hex, stamped when the writer closes)
 
 Everything a reader needs is in plain HDF5 datasets and string attributes, so h5py,
 MATLAB, R or Julia can use a store without credanno.

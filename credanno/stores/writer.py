@@ -12,6 +12,7 @@ import contextlib
 import datetime as _dt
 import errno
 import os
+import uuid
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -304,6 +305,9 @@ class StoreWriter(AbstractContextManager):
                 raise CredannoError(
                     f"store incomplete: views of {self.views_written} of "
                     f"{len(self.train_rows)} training rows written; nothing was saved")
+            # Stamped last, on a complete file: readers use it (with inode and size) to
+            # tell this file from a later one written to the same path.
+            self._file.attrs["content_id"] = uuid.uuid4().hex
             self._file.close()
             self._closed = True
             self._atomic.__exit__(None, None, None)
