@@ -215,8 +215,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise CredannoError(f"config file {path} not found; pass an existing --config") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CredannoError(f"{path} is not valid TOML ({exc}); fix the file") from None
+    except OSError as exc:  # a folder, no permission, ...
+        raise CredannoError(f"cannot read config file {path} ({exc.strerror}); pass a readable "
+                            "--config") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CredannoError(f"{path} is not valid TOML ({reason}); fix the file") from None
     flat: dict[str, Any] = {}
     for key, value in raw.items():
         # a table groups fields, except model_kwargs which is itself a table
@@ -247,7 +251,8 @@ def _apply(cfg: PretrainConfig, values: dict[str, Any], source: str) -> None:
             ok = isinstance(value, dict)
             value = dict(value) if ok else value
         elif isinstance(default, list):
-            ok = isinstance(value, (list, tuple)) and len(value) == 2
+            ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
             value = [float(v) for v in value] if ok else value
         else:
             ok = value is None or isinstance(value, (str, os.PathLike))
