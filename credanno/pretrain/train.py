@@ -361,6 +361,9 @@ class Trainer:
             shown = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in diff[:4])
             raise CredannoError(f"{self.run_dir} was started with other settings ({shown}); "
                                 "pass the same settings to resume or a new --out")
+        if state["epoch"] > self.cfg.epochs:
+            raise bad_field(ckpt, "epoch", f"is {state['epoch']}, beyond the run's "
+                                           f"{self.cfg.epochs} epochs")
         old = state.get("data_sha256")
         if old is not None and old != self.data_sha256:
             raise CredannoError(
@@ -566,7 +569,8 @@ def _checkpoint_metrics(state: dict[str, Any], ckpt: Path,
         return (_read_metrics(fallback) or [])[:epoch]
     rows = state["metrics"]
     if not isinstance(rows, list) or len(rows) != epoch or not all(
-            isinstance(r, dict) and r.get("epoch") == i + 1 for i, r in enumerate(rows)):
+            isinstance(r, dict) and r.get("epoch") == i + 1 and isinstance(r.get("loss"), float)
+            for i, r in enumerate(rows)):
         raise bad_field(ckpt, "metrics", f"is not one row per epoch for its {epoch} epochs")
     return [dict(r) for r in rows]
 
