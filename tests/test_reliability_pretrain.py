@@ -343,3 +343,19 @@ def test_unreadable_or_mistyped_toml_is_one_line(tmp_path, content, match):
     with pytest.raises(CredannoError, match=match) as exc:
         load_config("cpu-tiny", file=file)
     assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("errno_, text", [(13, "Permission denied"),
+                                          (30, "Read-only file system")])
+def test_run_folder_mkdir_errors_are_one_line(tmp_path, data, monkeypatch, errno_, text):
+    """Permission and read-only file-system errors (simulated: tests may run as root)."""
+    import pathlib
+
+    def refuse(self, *args, **kwargs):
+        raise OSError(errno_, os.strerror(errno_), str(self))
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", refuse)
+    with pytest.raises(CredannoError) as exc:
+        pretrain(tiny(data, tmp_path / "run"))
+    msg = str(exc.value)
+    assert msg.startswith("cannot create run folder") and text in msg and "--out" in msg
