@@ -224,7 +224,7 @@ def test_presets_and_overrides(tmp_path):
     ({"overrides": {"colour": 1}}, "unknown pretraining setting"),
     ({"overrides": {"epochs": "ten"}}, "wrong type"),
     ({"overrides": {"epochs": 0}}, "epochs must be"),
-    ({"overrides": {"local_size": 15}}, "multiples of the patch"),
+    ({"overrides": {"local_size": 15}}, "multiple of the patch"),
     ({"file": "/nonexistent.toml"}, "not found"),
 ])
 def test_config_errors(kwargs, match):

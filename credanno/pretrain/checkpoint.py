@@ -17,6 +17,7 @@ Only tensors and plain Python values are stored, so the file loads with
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,7 +101,11 @@ def checkpoint_path(path_or_run_dir: str | os.PathLike) -> Path:
 
 def read_checkpoint(path_or_run_dir: str | os.PathLike,
                     map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and validate a checkpoint dict (tensors and plain values only)."""
+    """Load and validate a checkpoint dict (tensors and plain values only).
+
+    Every contract field is checked here, so that a damaged or foreign file with the right
+    format marker fails with one line naming the field rather than deep inside torch or timm.
+    """
     path = checkpoint_path(path_or_run_dir)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -110,9 +115,79 @@ def read_checkpoint(path_or_run_dir: str | os.PathLike,
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CredannoError(f"{path} is not a credanno DINO checkpoint; pass a runs/NAME folder "
                             "written by `credanno pretrain`")
-    if int(state.get("format_version", 0)) > FORMAT_VERSION:
+    version = state.get("format_version")
+    if not _is_int(version) or version < 1:
+        raise bad_field(path, "format_version", f"is {version!r}, not a positive integer")
+    if version > FORMAT_VERSION:
         raise CredannoError(f"{path} has a newer checkpoint format; upgrade credanno")
+    _validate_contract(path, state)
     return state
+
+
+def bad_field(path: Path, name: str, problem: str) -> CredannoError:
+    """The one-line error for a damaged checkpoint field."""
+    return CredannoError(f"{path} is a damaged checkpoint: {name} {problem}; re-run "
+                         "`credanno pretrain` or pass another checkpoint")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate_contract(path: Path, state: dict[str, Any]) -> None:
+    epoch = state.get("epoch")
+    if not _is_int(epoch) or epoch < 0:
+        raise bad_field(path, "epoch", f"is {epoch!r}, not an integer >= 0")
+    if not isinstance(state.get("config"), dict):
+        raise bad_field(path, "config", "is missing or not a dict")
+    backbone = state.get("backbone")
+    if not isinstance(backbone, dict):
+        raise bad_field(path, "backbone", "is missing or not a dict")
+    arch = backbone.get("arch")
+    if not isinstance(arch, str) or not arch:
+        raise bad_field(path, "backbone.arch", f"is {arch!r}, not a timm architecture name")
+    kwargs = backbone.get("kwargs", {})
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise bad_field(path, "backbone.kwargs", "is not a dict of timm keyword arguments")
+    for name in ("teacher_backbone", "student_backbone"):
+        sd = state.get(name)
+        if not isinstance(sd, dict) or not sd or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+            raise bad_field(path, name, "is missing or not a state dict of tensors")
+    parse_eval_transform(path, state.get("eval_transform"))
+
+
+def parse_eval_transform(path: Path, d: Any) -> EvalTransform:
+    """The checkpoint's eval transform; a damaged one is an error, never the default."""
+    fields = {"resize": int, "crop": int, "mean": float, "std": float, "channels": int}
+    if not isinstance(d, dict) or set(fields) - set(d):
+        raise bad_field(path, "eval_transform", f"is not a dict with {', '.join(fields)}")
+    for key, kind in fields.items():
+        v = d[key]
+        ok = (_is_int(v) if kind is int else
+              isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+        if not ok:
+            raise bad_field(path, f"eval_transform.{key}",
+                            f"is {v!r}, not a finite {kind.__name__}")
+    if not (1 <= d["crop"] <= d["resize"]) or d["std"] <= 0 or d["channels"] not in (1, 3):
+        raise bad_field(path, "eval_transform", f"has impossible values {d}")
+    return EvalTransform.from_dict(d)
+
+
+def check_state_dict(path: Path, name: str, module: nn.Module, sd: dict[str, Any]) -> None:
+    """Refuse a state dict that does not fit ``module`` with one line (torch's is many)."""
+    if not isinstance(sd, dict):
+        raise bad_field(path, name, "is missing or not a state dict")
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [k for k in expected if k in sd and (not isinstance(sd[k], torch.Tensor)
+                                                 or sd[k].shape != expected[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{len(v)} {what} (e.g. {v[0]!r})" for what, v in
+                 (("missing keys", missing), ("unexpected keys", unexpected),
+                  ("wrong-shape tensors", wrong)) if v]
+        raise bad_field(path, name, f"does not fit the model: {', '.join(parts)}")
 
 
 def latest_run(root: str | os.PathLike = RUNS_DIR) -> Path:
@@ -146,11 +221,17 @@ def load_backbone(path_or_run_dir: str | os.PathLike, which: str = "teacher",
     kwargs = dict(state["backbone"].get("kwargs", {}))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = create_backbone(arch, kwargs)
+        try:
+            model = create_backbone(arch, kwargs)
+        except (ValueError, RuntimeError, AssertionError, ZeroDivisionError) as exc:
+            # timm validates kwargs with asserts and arithmetic, not with one exception type
+            raise bad_field(path, "backbone.kwargs",
+                            f"{kwargs} do not build {arch} ({type(exc).__name__})") from None
     if which != "random":
+        check_state_dict(path, f"{which}_backbone", model, state[f"{which}_backbone"])
         model.load_state_dict(state[f"{which}_backbone"])
     model.to(map_location).eval()
     info = BackboneInfo(arch=arch, kwargs=kwargs, checkpoint=path, sha256=_sha256(path),
-                        which=which, epoch=int(state["epoch"]),
-                        eval_transform=EvalTransform.from_dict(state["eval_transform"]))
+                        which=which, epoch=state["epoch"],
+                        eval_transform=parse_eval_transform(path, state["eval_transform"]))
     return model, info

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -104,25 +105,101 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> PretrainConfig:
-        checks = [
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.batch_size >= 2, "batch size must be >= 2"),
-            (self.local_crops >= 0, "local crops must be >= 0"),
-            (0 <= self.local_shift <= 1, "local_shift must be in [0, 1]"),
-            (0 <= self.rotation <= 180, "rotation must be in [0, 180] degrees"),
-            (0 <= self.nodule_views <= 1, "nodule_views must be in [0, 1]"),
-            (self.global_size % self.patch_size == 0 and self.local_size % self.patch_size == 0,
-             f"crop sizes {self.global_size}/{self.local_size} must be multiples of the patch "
-             f"size {self.patch_size}"),
-            (self.amp in ("auto", "bf16", "fp16", "none"), "amp must be auto, bf16, fp16 or none"),
-            (self.out_dim >= 2, "out_dim (K) must be >= 2"),
-            (self.lr > 0, "lr must be > 0"),
-            (0 <= self.monitor_val_frac < 1, "monitor_val_frac must be in [0, 1)"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise CredannoError(f"invalid pretraining config: {msg}; fix the flag or TOML")
+        """Check every field before anything is written; one line naming the field and source.
+
+        The source (preset, TOML file or command line) is known when the config came from
+        :func:`load_config`; a config built in code says "the config".
+        """
+        problem = _first_problem(self)
+        if problem is not None:
+            name, msg = problem
+            sources = getattr(self, "_sources", {})
+            source = sources.get(name, "the config")
+            fix = ("change the option" if source == "the command line" else
+                   "fix the TOML file" if source.startswith("config file") else "fix it")
+            raise CredannoError(f"invalid pretraining config: {name} {msg}, not "
+                                f"{getattr(self, name)!r} (from {source}); {fix}")
         return self
+
+
+_POSITIVE_INTS = ("epochs", "img_size", "patch_size", "head_hidden_dim", "head_bottleneck_dim",
+                  "head_layers", "eval_resize", "eval_crop", "global_size", "local_size",
+                  "monitor_k")
+_NON_NEGATIVE_INTS = ("seed", "local_crops", "monitor_every", "warmup_epochs",
+                      "freeze_last_layer", "warmup_teacher_temp_epochs")
+#: float fields -> (low, high, low inclusive, high inclusive); None = unbounded
+_FLOAT_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "lr": (0.0, None, False, True), "min_lr": (0.0, None, True, True),
+    "weight_decay": (0.0, None, True, True), "weight_decay_end": (0.0, None, True, True),
+    "clip_grad": (0.0, None, True, True), "drop_path": (0.0, 1.0, True, False),
+    "momentum_teacher": (0.0, 1.0, True, True), "center_momentum": (0.0, 1.0, True, True),
+    "teacher_temp": (0.0, None, False, True), "warmup_teacher_temp": (0.0, None, False, True),
+    "student_temp": (0.0, None, False, True), "monitor_val_frac": (0.0, 1.0, True, False),
+    "local_shift": (0.0, 1.0, True, True), "rotation": (0.0, 180.0, True, True),
+    "nodule_views": (0.0, 1.0, True, True),
+}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _range_text(lo: float | None, hi: float | None, lo_in: bool, hi_in: bool) -> str:
+    if hi is None:
+        return f"must be {'>=' if lo_in else '>'} {lo:g}"
+    return f"must be in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def _first_problem(cfg: PretrainConfig) -> tuple[str, str] | None:
+    """``(field, what is wrong)`` for the first invalid field, or None."""
+    for name in _POSITIVE_INTS:
+        if not _is_int(getattr(cfg, name)) or getattr(cfg, name) < 1:
+            return name, "must be an integer >= 1"
+    for name in _NON_NEGATIVE_INTS:
+        if not _is_int(getattr(cfg, name)) or getattr(cfg, name) < 0:
+            return name, "must be an integer >= 0"
+    if not _is_int(cfg.batch_size) or cfg.batch_size < 2:
+        return "batch_size", "must be an integer >= 2"
+    if not _is_int(cfg.out_dim) or cfg.out_dim < 2:
+        return "out_dim", "(K, the prototypes) must be an integer >= 2"
+    for name, (lo, hi, lo_in, hi_in) in _FLOAT_RANGES.items():
+        v = getattr(cfg, name)
+        ok = _is_real(v) and (v >= lo if lo_in else v > lo) and \
+            (hi is None or (v <= hi if hi_in else v < hi))
+        if not ok:
+            return name, _range_text(lo, hi, lo_in, hi_in)
+    for name in ("global_scale", "local_scale", "blur_sigma"):
+        v = getattr(cfg, name)
+        pair = isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_real(x) for x in v)
+        if not pair or not 0 < v[0] <= v[1] or (name != "blur_sigma" and v[1] > 1):
+            upper = "" if name == "blur_sigma" else " <= 1"
+            return name, f"must be two finite numbers 0 < low <= high{upper}"
+    for name in ("img_size", "global_size", "local_size", "eval_crop"):
+        if getattr(cfg, name) % cfg.patch_size:
+            return name, f"must be a multiple of the patch size {cfg.patch_size}"
+    if cfg.eval_crop > cfg.eval_resize:
+        return "eval_crop", f"must be <= eval_resize ({cfg.eval_resize})"
+    if not isinstance(cfg.arch, str) or not cfg.arch.strip():
+        return "arch", "must be a timm architecture name"
+    if not isinstance(cfg.data, str) or not cfg.data.strip():
+        return "data", "must be a patch file path"
+    if cfg.amp not in ("auto", "bf16", "fp16", "none"):
+        return "amp", "must be auto, bf16, fp16 or none"
+    if not isinstance(cfg.model_kwargs, dict) or \
+            not all(isinstance(k, str) for k in cfg.model_kwargs):
+        return "model_kwargs", "must be a table of timm keyword arguments"
+    for name in ("out", "device", "init"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, str) or not v.strip()):
+            return name, "must be a non-empty string"
+    if not isinstance(cfg.compile, bool) or not isinstance(cfg.norm_last_layer, bool):
+        return ("compile" if not isinstance(cfg.compile, bool) else "norm_last_layer",
+                "must be true or false")
+    return None
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
@@ -138,8 +215,12 @@ def _read_toml(path: Path) -> dict[str, Any]:
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise CredannoError(f"config file {path} not found; pass an existing --config") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise CredannoError(f"{path} is not valid TOML ({exc}); fix the file") from None
+    except OSError as exc:  # a folder, no permission, ...
+        raise CredannoError(f"cannot read config file {path} ({exc.strerror}); pass a readable "
+                            "--config") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CredannoError(f"{path} is not valid TOML ({reason}); fix the file") from None
     flat: dict[str, Any] = {}
     for key, value in raw.items():
         # a table groups fields, except model_kwargs which is itself a table
@@ -170,7 +251,8 @@ def _apply(cfg: PretrainConfig, values: dict[str, Any], source: str) -> None:
             ok = isinstance(value, dict)
             value = dict(value) if ok else value
         elif isinstance(default, list):
-            ok = isinstance(value, (list, tuple)) and len(value) == 2
+            ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
             value = [float(v) for v in value] if ok else value
         else:
             ok = value is None or isinstance(value, (str, os.PathLike))
@@ -179,6 +261,7 @@ def _apply(cfg: PretrainConfig, values: dict[str, Any], source: str) -> None:
             raise CredannoError(f"setting {key}={value!r} in {source} has the wrong type; "
                                 f"expected a {type(default).__name__}")
         setattr(cfg, key, value)
+        cfg._sources[key] = source
 
 
 def default_preset() -> str:
@@ -197,10 +280,11 @@ def load_config(preset: str | None = None, file: str | os.PathLike | None = None
         raise CredannoError(f"unknown preset {name!r}; choose one of "
                             f"{', '.join(available_presets())} or pass --config FILE.toml")
     cfg = PretrainConfig(preset=name)
+    cfg._sources = {}
     _apply(cfg, _read_toml(path), f"preset {name}")
     cfg.preset = name
     if file is not None:
-        _apply(cfg, _read_toml(Path(file)), str(file))
+        _apply(cfg, _read_toml(Path(file)), f"config file {file}")
     if overrides:
         _apply(cfg, dict(overrides), "the command line")
     return cfg.validate()
@@ -215,8 +299,10 @@ def config_from_dict(d: dict[str, Any]) -> PretrainConfig:
     return cfg
 
 
-def save_config(cfg: PretrainConfig, path: str | os.PathLike) -> None:
+def save_config(cfg: PretrainConfig, path: str | os.PathLike,
+                extra: dict[str, Any] | None = None) -> None:
+    """``config.json``: the resolved config, plus ``extra`` run facts (the data's sha256)."""
     from credanno._atomic import atomic_path
 
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        Path(tmp).write_text(json.dumps({**cfg.to_dict(), **(extra or {})}, indent=2) + "\n")

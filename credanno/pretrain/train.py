@@ -29,6 +29,8 @@ from credanno.paths import RUNS_DIR
 from credanno.pretrain import distributed as D
 from credanno.pretrain.checkpoint import (
     CHECKPOINT_NAME,
+    bad_field,
+    check_state_dict,
     create_backbone,
     read_checkpoint,
     save_checkpoint,
@@ -44,6 +46,8 @@ from credanno.transforms import EvalTransform
 #: Settings that may change when a run is resumed (they do not change its result).
 RESUMABLE_CHANGES = frozenset({"out", "device", "monitor_every", "monitor_val_frac",
                                "monitor_k", "compile", "amp", "init"})
+#: Run facts saved in config.json beside the config fields (not settings).
+RUN_FACTS = ("data_sha256",)
 
 
 @dataclass
@@ -130,11 +134,12 @@ def _timestamp() -> str:
 
 
 def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in RESUMABLE_CHANGES}
+    return {k: v for k, v in cfg.items() if k not in RESUMABLE_CHANGES and k not in RUN_FACTS}
 
 
-def _find_unfinished(cfg: PretrainConfig) -> Path | None:
-    """The newest ``runs/<preset>-*`` run that was stopped early with these same settings."""
+def _find_unfinished(cfg: PretrainConfig, data_sha256: str | None = None) -> Path | None:
+    """The newest ``runs/<preset>-*`` run that was stopped early with these same settings
+    on the same patch file (by content, not by path)."""
     runs = sorted(RUNS_DIR.glob(f"{cfg.preset}-*/{CHECKPOINT_NAME}"),
                   key=lambda p: p.stat().st_mtime, reverse=True)
     for ckpt in runs[:5]:
@@ -145,16 +150,34 @@ def _find_unfinished(cfg: PretrainConfig) -> Path | None:
             done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
         except (OSError, json.JSONDecodeError):
             continue
-        if done < cfg.epochs and _comparable(saved) == _comparable(cfg.to_dict()):
+        same_data = saved.get("data_sha256") in (None, data_sha256)
+        if done < cfg.epochs and same_data and _comparable(saved) == _comparable(cfg.to_dict()):
             return ckpt.parent
     return None
 
 
-def resolve_run_dir(cfg: PretrainConfig) -> Path:
+def resolve_run_dir(cfg: PretrainConfig, data_sha256: str | None = None) -> Path:
     """``--out`` if given; else an unfinished run of the same settings; else a new name."""
     if cfg.out:
         return Path(cfg.out)
-    return _find_unfinished(cfg) or RUNS_DIR / f"{cfg.preset}-{_timestamp()}"
+    return _find_unfinished(cfg, data_sha256) or RUNS_DIR / f"{cfg.preset}-{_timestamp()}"
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a checkpoint; an impossible path is a one-line error."""
+    try:
+        return (run_dir / CHECKPOINT_NAME).exists()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        raise CredannoError(f"cannot use run folder {run_dir} ({exc.strerror}); "
+                            "choose another --out") from None
+
+
+def _make_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # read-only, no permission, a file in the way, name too long
+        raise CredannoError(f"cannot create run folder {run_dir} ({exc.strerror}); "
+                            "choose a writable --out") from None
 
 
 def load_train_images(path: str) -> tuple[np.ndarray, Any]:
@@ -162,6 +185,11 @@ def load_train_images(path: str) -> tuple[np.ndarray, Any]:
     from credanno.data.patchfile import read_patch_file
 
     patches = read_patch_file(path)
+    shape = tuple(patches.images.shape)
+    if len(shape) != 3 or shape[1] != shape[2]:
+        size = " x ".join(map(str, shape[1:]))
+        raise CredannoError(f"{path} holds {size} images; pretraining (like `credanno embed`) "
+                            "needs square patches; re-create it with `credanno prepare`")
     train = (patches.table["split"] == "train").to_numpy()
     if not train.any():
         raise CredannoError(f"{path} has no training images; re-create it with "
@@ -175,7 +203,12 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig, env: D.DistEnv, progress: bool = False):
         self.cfg, self.env, self.progress = cfg, env, progress
         self.device = env.device
+        from credanno.data.patchfile import file_sha256
+
         images, self.table = load_train_images(cfg.data)
+        # The data's identity is its content: a resume on other images at the same path
+        # would silently mix two datasets.
+        self.data_sha256 = file_sha256(cfg.data)
         self.images = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
         self.n = len(self.images)
         if cfg.batch_size > self.n:
@@ -198,8 +231,9 @@ class Trainer:
             self.nodule_views = SameNoduleViews(self.table["nodule_id"].to_numpy(),
                                                 cfg.nodule_views, self.device)
         self.eval_transform = EvalTransform(resize=cfg.eval_resize, crop=cfg.eval_crop)
-        self.run_dir = Path(D.broadcast_object(str(resolve_run_dir(cfg)), env))
-        self.resuming = (self.run_dir / CHECKPOINT_NAME).exists()
+        self.run_dir = Path(D.broadcast_object(str(resolve_run_dir(cfg, self.data_sha256)),
+                                               env))
+        self.resuming = _has_checkpoint(self.run_dir)
         self._build_models()
         self._build_schedules()
 
@@ -260,9 +294,12 @@ class Trainer:
             cfg.epochs)
 
     # -- state ----------------------------------------------------------------------------
-    def state_dict(self, epoch: int) -> dict[str, Any]:
+    def state_dict(self, epoch: int, metrics: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "epoch": epoch,
+            # the rows travel with the weights, so a kill before metrics.jsonl loses none
+            "metrics": [dict(m) for m in metrics],
+            "data_sha256": self.data_sha256,
             "config": self.cfg.to_dict(),
             "backbone": {"arch": self.cfg.arch, "kwargs": self.cfg.backbone_kwargs()},
             "teacher_backbone": self.teacher.backbone.state_dict(),
@@ -280,17 +317,59 @@ class Trainer:
             "train_images": self.n,
         }
 
-    def load_state(self, state: dict[str, Any]) -> int:
-        self.teacher.backbone.load_state_dict(state["teacher_backbone"])
-        self.student.backbone.load_state_dict(state["student_backbone"])
-        self.teacher.head.load_state_dict(state["teacher_head"])
-        self.student.head.load_state_dict(state["student_head"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.loss_fn.center.copy_(state["centre"].to(self.device))
+    def load_state(self, state: dict[str, Any], path: Path) -> int:
+        """Restore the training state, each field checked first (one line naming it)."""
+        for name, module in (("teacher_backbone", self.teacher.backbone),
+                             ("student_backbone", self.student.backbone),
+                             ("teacher_head", self.teacher.head),
+                             ("student_head", self.student.head)):
+            check_state_dict(path, name, module, state.get(name))
+            module.load_state_dict(state[name])
+        self._load_optimizer(state.get("optimizer"), path)
+        centre = state.get("centre")
+        if not isinstance(centre, torch.Tensor) or centre.shape != self.loss_fn.center.shape:
+            raise bad_field(path, "centre", f"is not a tensor of shape "
+                                            f"{tuple(self.loss_fn.center.shape)}")
+        self.loss_fn.center.copy_(centre.to(self.device))
         self.init_report = state.get("init")
         if state.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
-        return int(state["epoch"])
+            try:
+                self.scaler.load_state_dict(state["scaler"])
+            except (KeyError, TypeError, ValueError, RuntimeError):
+                raise bad_field(path, "scaler", "is not a GradScaler state") from None
+        return state["epoch"]
+
+    def _load_optimizer(self, sd: Any, path: Path) -> None:
+        try:
+            self.optimizer.load_state_dict(sd)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError):
+            raise bad_field(path, "optimizer", "does not fit the model's parameters") from None
+        # torch checks group sizes, not the moment tensors' shapes (those fail mid-step)
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                for key, value in self.optimizer.state.get(p, {}).items():
+                    if isinstance(value, torch.Tensor) and value.ndim and value.shape != p.shape:
+                        raise bad_field(path, f"optimizer state {key}",
+                                        f"has shape {tuple(value.shape)} for a parameter of "
+                                        f"shape {tuple(p.shape)}")
+
+    def _check_resumable(self, state: dict[str, Any], ckpt: Path) -> None:
+        """Same settings and the same patch file (by sha256) as the run being resumed."""
+        saved, now = _comparable(state["config"]), _comparable(self.cfg.to_dict())
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if diff:
+            shown = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in diff[:4])
+            raise CredannoError(f"{self.run_dir} was started with other settings ({shown}); "
+                                "pass the same settings to resume or a new --out")
+        if state["epoch"] > self.cfg.epochs:
+            raise bad_field(ckpt, "epoch", f"is {state['epoch']}, beyond the run's "
+                                           f"{self.cfg.epochs} epochs")
+        old = state.get("data_sha256")
+        if old is not None and old != self.data_sha256:
+            raise CredannoError(
+                f"{self.cfg.data} is not the patch file {self.run_dir} was trained on (its "
+                f"sha256 was {str(old)[:12]}..., now {self.data_sha256[:12]}...); pass a new "
+                "--out to train on these images, or restore the original file to resume")
 
     # -- loop -----------------------------------------------------------------------------
     def train_step(self, epoch: int, it: int, indices: torch.Tensor) -> torch.Tensor:
@@ -362,18 +441,14 @@ class Trainer:
         start_epoch = 0
         if self.resuming:
             state = read_checkpoint(ckpt, map_location=self.device)
-            diff = sorted(k for k, v in _comparable(state["config"]).items()
-                          if _comparable(cfg.to_dict()).get(k) != v)
-            if diff:
-                shown = ", ".join(f"{k}={state['config'][k]!r} (now {getattr(cfg, k)!r})"
-                                  for k in diff[:4])
-                raise CredannoError(f"{run_dir} was started with other settings ({shown}); "
-                                    "pass the same settings to resume or a new --out")
-            start_epoch = self.load_state(state)
-            metrics = _read_metrics(run_dir / "metrics.jsonl")[:start_epoch]
+            self._check_resumable(state, ckpt)
+            start_epoch = self.load_state(state, ckpt)
+            metrics = _checkpoint_metrics(state, ckpt, run_dir / "metrics.jsonl")
+            if env.is_main:
+                _reconcile_outputs(run_dir, metrics, plot=start_epoch >= cfg.epochs)
         elif env.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir / "config.json")
+            _make_run_dir(run_dir)
+            save_config(cfg, run_dir / "config.json", {"data_sha256": self.data_sha256})
         result = RunResult(run_dir=run_dir, checkpoint=ckpt, metrics=metrics,
                            resumed_from=start_epoch)
         if start_epoch >= cfg.epochs:
@@ -403,7 +478,7 @@ class Trainer:
                         row.update(monitor())
                     metrics.append(row)
                     if env.is_main:
-                        save_checkpoint(ckpt, self.state_dict(epoch + 1))
+                        save_checkpoint(ckpt, self.state_dict(epoch + 1, metrics))
                         _write_metrics(run_dir / "metrics.jsonl", metrics)
                     last_good = epoch + 1
                     D.barrier(env)
@@ -477,10 +552,36 @@ def _existing(path: Path) -> Path | None:
     return path if path.exists() else None
 
 
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _read_metrics(path: Path) -> list[dict[str, Any]] | None:
+    """metrics.jsonl's rows; None when it is missing or unreadable (it is then rewritten)."""
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    return rows if all(isinstance(r, dict) for r in rows) else None
+
+
+def _checkpoint_metrics(state: dict[str, Any], ckpt: Path,
+                        fallback: Path) -> list[dict[str, Any]]:
+    """The per-epoch rows of a checkpoint (older checkpoints: metrics.jsonl's first rows)."""
+    epoch = state["epoch"]
+    if "metrics" not in state:
+        return (_read_metrics(fallback) or [])[:epoch]
+    rows = state["metrics"]
+    if not isinstance(rows, list) or len(rows) != epoch or not all(
+            isinstance(r, dict) and r.get("epoch") == i + 1 and isinstance(r.get("loss"), float)
+            for i, r in enumerate(rows)):
+        raise bad_field(ckpt, "metrics", f"is not one row per epoch for its {epoch} epochs")
+    return [dict(r) for r in rows]
+
+
+def _reconcile_outputs(run_dir: Path, metrics: list[dict[str, Any]], plot: bool) -> None:
+    """Rewrite metrics.jsonl (and loss.png when ``plot``) where a kill left them behind the
+    checkpoint: both are written after it."""
+    if _read_metrics(run_dir / "metrics.jsonl") != metrics:
+        _write_metrics(run_dir / "metrics.jsonl", metrics)
+    if plot and metrics and not (run_dir / "loss.png").exists():
+        plot_loss_curve(metrics, run_dir / "loss.png")
 
 
 def _write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:
