@@ -63,10 +63,17 @@ def md_code(value: Any) -> str:
 
 
 def neutralise_cell(value: Any) -> Any:
-    """A string starting like a formula gets a leading ``'``; anything else is unchanged."""
-    if isinstance(value, str) and value.startswith(FORMULA_PREFIXES):
-        return "'" + value
-    return value
+    """A string starting like a formula gets a leading ``'``; anything else is unchanged,
+    except that carriage returns become newlines.
+
+    The CSV writer quotes a cell holding a newline but not one holding a lone carriage
+    return, which spreadsheets read as a row break: ``"x\r=cmd"`` would put a formula at
+    the start of a new row."""
+    if not isinstance(value, str):
+        return value
+    if value.startswith(FORMULA_PREFIXES):
+        value = "'" + value
+    return value.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def neutralise_formulas(df: pd.DataFrame) -> pd.DataFrame:
