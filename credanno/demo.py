@@ -30,6 +30,7 @@ import pandas as pd
 from credanno._atomic import atomic_path
 from credanno.bench.table1 import mean_sd_pct
 from credanno.errors import CredannoWarning
+from credanno.outputs import md_code, md_text
 
 #: label fractions of the demo's Fig. 4 for k-NN and the trained predictors (seconds each)
 DEMO_FRACS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -216,7 +217,7 @@ def run_demo(out: str | os.PathLike = "demo", seeds: int | Sequence[int] = 3,
     def _fig2():
         f2 = fig2_from_table1(t1["teacher"])
         figures["fig2"] = save_figure(f2.figure(), figures_dir / "fig2.png")
-        f2.to_csv(tables_dir / "fig2.csv")
+        f2.to_csv(tables_dir / "fig2.csv", option="--out")
         return f2
 
     f2 = st.run("Fig. 2", _fig2)
@@ -228,7 +229,7 @@ def run_demo(out: str | os.PathLike = "demo", seeds: int | Sequence[int] = 3,
                       data=patch, device=dev,
                       cnn_fracs=[f for f in (cnn_fracs or DEMO_CNN_FRACS) if f in fracs] or fracs)
         figures["fig4"] = save_figure(f4.figure(), figures_dir / "fig4.png")
-        f4.to_csv(tables_dir / "fig4.csv")
+        f4.to_csv(tables_dir / "fig4.csv", option="--out")
         return f4
 
     f4 = st.run("Fig. 4 (with an end-to-end CNN baseline)", _fig4)
@@ -236,12 +237,12 @@ def run_demo(out: str | os.PathLike = "demo", seeds: int | Sequence[int] = 3,
     # 8. tables and report
     def _report() -> Path:
         for name, res in t1.items():
-            res.to_csv(tables_dir / f"table1_{name}.csv")
+            res.to_csv(tables_dir / f"table1_{name}.csv", option="--out")
         text = _report_text(out, t1, f2, f4, figures, cfg, run, patch, seeds, st.timings,
                             cached, st.warnings)
         path = out / "report.md"
-        with atomic_path(path) as tmp:
-            tmp.write_text(text)
+        with atomic_path(path, option="--out") as tmp:
+            tmp.write_text(text, encoding="utf-8")
         return path
 
     report = st.run("report", _report)
@@ -315,7 +316,7 @@ def _notes_md(notes: list[str]) -> str:
     unique = list(dict.fromkeys(notes))
     return ("Warnings raised on the way (expected with 1% of the labels: some classes get no "
             "labelled example, and k is clamped to the labelled images):\n\n"
-            + "\n".join(f"- {n}" for n in unique) + "\n\n")
+            + "\n".join(f"- {md_text(n)}" for n in unique) + "\n\n")
 
 
 def _report_text(out: Path, t1: dict, f2, f4, figures: dict[str, Path], cfg, run, patch: Path,
@@ -342,7 +343,7 @@ def _report_text(out: Path, t1: dict, f2, f4, figures: dict[str, Path], cfg, run
     for name, secs in timings.items():
         key = name.split(" (")[0]
         reused = [v for k, v in cached.items() if k.startswith(key)]
-        time_md.append(f"| {name} | {secs:.1f} | "
+        time_md.append(f"| {md_text(name)} | {secs:.1f} | "
                        f"{'yes' if reused and all(reused) else ''} |")
     time_md.append(f"| **total (before writing this report)** | **{total:.1f}** | |")
     loss = ""
@@ -353,9 +354,10 @@ def _report_text(out: Path, t1: dict, f2, f4, figures: dict[str, Path], cfg, run
                    f"{last.get('epoch', len(run.metrics))})."
     return f"""# credanno demo report
 
-{warn}Patch file: `{patch}` ({data.text}); {teacher.n_nodules} nodules, \
-{teacher.n_test_images} test images. Pretraining: preset `{cfg.preset}`, `{cfg.arch}` \
-{cfg.model_kwargs or ''}, {cfg.epochs} epochs, run `{run.run_dir}`.{loss} \
+{warn}Patch file: {md_code(patch)} ({data.text}); {teacher.n_nodules} nodules, \
+{teacher.n_test_images} test images. Pretraining: preset {md_code(cfg.preset)}, \
+{md_code(cfg.arch)} {md_text(cfg.model_kwargs or '')}, {cfg.epochs} epochs, \
+run {md_code(run.run_dir)}.{loss} \
 Seeds: {seeds}. Accuracies in %, mean ± sd over seeds (no ± where the seeds agree exactly, \
 as k-NN with all labels always does); attributes count as correct within \
 ±1 of the median rating, malignancy exactly (the paper's metric).
@@ -396,7 +398,7 @@ Our rows are on {data.text}; the paper's rows are on real LIDC-IDRI as published
 
 ![Fig. 4]({rel['fig4']})
 
-{f4.caption()}
+{f4.caption(markdown=True)}
 
 ## Stages
 

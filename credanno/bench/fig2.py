@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from credanno._atomic import atomic_path
 from credanno.bench.paper import FIG2_ATTRIBUTES, paper_fig2
 from credanno.bench.table1 import Table1Config, Table1Result
+from credanno.outputs import write_csv
 
 #: the three representative configurations that the paper's Fig. 2 shows for cRedAnno
 FIG2_CONFIGS: tuple[tuple[str, str, float, int | None], ...] = (
@@ -73,11 +73,9 @@ class Fig2Result:
         return n_correct_figure(self.measured, self.reported, self.n_attributes,
                                 caption=self.caption)
 
-    def to_csv(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            self.frame().to_csv(tmp, index=False)
-        return path
+    def to_csv(self, path: str | os.PathLike, *, option: str = "--csv") -> Path:
+        """Write the table as CSV (atomic, spreadsheet formulas neutralised)."""
+        return write_csv(self.frame(), path, option=option, index=False)
 
 
 def fig2_from_table1(t1: Table1Result,

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from credanno._atomic import atomic_path
 from credanno.bench.paper import PAPER_FIG4
 from credanno.errors import CredannoError
+from credanno.outputs import md_text, one_line, write_csv
 from credanno.viz.source import DataSource, describe_source, patch_file_of
 
 FIG4_FRACS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -55,12 +55,15 @@ class Fig4Result:
                     continue
                 m, s = float(r["mean"].iloc[0]), float(r["sd"].iloc[0])
                 cells.append(f"{m * 100:.2f}" + (f" ± {s * 100:.2f}" if np.isfinite(s) else ""))
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {md_text(name)} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    def caption(self) -> str:
+    def caption(self, markdown: bool = False) -> str:
+        """One paragraph naming data, store and seeds: for the figure, or (``markdown``)
+        with the store's name escaped for Markdown."""
         seeds = sorted(int(s) for s in self.raw["seed"].unique())
-        return (f"Data: {self.data.text}. Store {self.store.name}; seeds {list(seeds)}; "
+        store = md_text(self.store.name) if markdown else one_line(self.store.name)
+        return (f"Data: {self.data.text}. Store {store}; seeds {list(seeds)}; "
                 + " ".join(self.notes)
                 + " Grey open markers: the paper's published points on real LIDC, for "
                 "reference only.")
@@ -74,11 +77,9 @@ class Fig4Result:
                                 for s, f, a in PAPER_FIG4])
         return annotation_reduction_figure(self.curves, ref, caption=self.caption())
 
-    def to_csv(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            self.raw.to_csv(tmp, index=False)
-        return path
+    def to_csv(self, path: str | os.PathLike, *, option: str = "--csv") -> Path:
+        """Write the table as CSV (atomic, spreadsheet formulas neutralised)."""
+        return write_csv(self.raw, path, option=option, index=False)
 
 
 def _malignancy_rows(results: pd.DataFrame, series: str) -> pd.DataFrame:

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from credanno._atomic import atomic_path
 from credanno.bench.paper import TABLE1_ITEMS, paper_table1
 from credanno.labels import label_spec
+from credanno.outputs import md_code, write_csv
 from credanno.viz.source import DataSource, describe_source
 
 
@@ -90,14 +90,13 @@ class Table1Result:
             table1_markdown(self.rows, "balanced_acc", paper=False)])
 
     def header(self) -> str:
-        return (f"Data: {self.data.text}. Store: {self.store}. {self.n_nodules} nodules, "
+        # the store's name is file-system contents: a code span, on one line
+        return (f"Data: {self.data.text}. Store: {md_code(self.store)}. {self.n_nodules} nodules, "
                 f"{self.n_test_images} test images; seeds {list(self.seeds)}.")
 
-    def to_csv(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            self.rows.to_csv(tmp, index=False)
-        return path
+    def to_csv(self, path: str | os.PathLike, *, option: str = "--csv") -> Path:
+        """Write the table as CSV (atomic, spreadsheet formulas neutralised)."""
+        return write_csv(self.rows, path, option=option, index=False)
 
 
 def mean_sd_pct(mean: float | None, sd: float | None = None) -> str:

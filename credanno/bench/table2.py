@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from credanno._atomic import atomic_path
 from credanno.bench.paper import paper_table2
 from credanno.errors import CredannoError
+from credanno.outputs import md_text, write_csv
 from credanno.viz.source import DataSource
 
 
@@ -73,14 +73,12 @@ class Table2Result:
                 if r["n_seeds"] > 1 and np.isfinite(r["acc_sd"]):
                     acc += f" ± {r['acc_sd'] * 100:.2f}"
             lines.append(f"| {r['encoder']} | {r['arch']} | {r['strategy']} | {r['init']} | "
-                         f"{acc} | {ref} | {r['status']} |")
+                         f"{acc} | {ref} | {md_text(r['status'])} |")
         return "\n".join(lines)
 
-    def to_csv(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            self.rows.to_csv(tmp, index=False)
-        return path
+    def to_csv(self, path: str | os.PathLike, *, option: str = "--csv") -> Path:
+        """Write the table as CSV (atomic, spreadsheet formulas neutralised)."""
+        return write_csv(self.rows, path, option=option, index=False)
 
 
 def _e2e(data: Path, arch: str, seeds: Sequence[int], cnn: dict[str, Any]) -> list[float]:

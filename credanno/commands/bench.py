@@ -175,13 +175,11 @@ def table2(data: Path | None, out: Path, seeds: str, preset: str | None, epochs:
 def perf(quick: bool, bench_dir: Path | None, only: tuple[str, ...],
          csv_path: Path | None) -> None:
     """Run every benchmarks/*.py that defines run(quick) and print one table of ratios."""
-    from credanno._atomic import atomic_path
     from credanno.bench.perf import perf_markdown, run_perf
+    from credanno.outputs import write_csv
 
     df = run_perf(bench_dir, quick=quick, only=only or None)
     click.echo(perf_markdown(df))
     click.echo("\nData: each benchmark builds its own synthetic arrays or stores (see its script).")
     if csv_path:
-        with atomic_path(csv_path) as tmp:
-            df.to_csv(tmp, index=False)
-        click.echo(f"\nwrote {csv_path}")
+        click.echo(f"\nwrote {write_csv(df, csv_path, option='--csv', index=False)}")

@@ -13,6 +13,9 @@ therefore do what the public data loader does: group rows by nodule (patient + n
 index from the image id), take the median of each rating over the nodule's rows, round
 (halves to even) and subtract one for attribute labels; malignancy is the class folder
 (checked against the median: < 3 must be in 0/, > 3 in 1/). ``val`` becomes ``test``.
+Image ids are file contents: one that is absolute, holds a ``..`` component, or resolves
+(through symbolic links too) outside the folder is refused, so that a CSV cannot import
+files from elsewhere on the disk.
 ``raw_<label>`` keeps the CSV value when the column varies within a nodule (so it is the
 annotation's own rating) and is 0 (unknown) when it is a nodule-level value.
 """
@@ -31,6 +34,7 @@ from credanno.data.selection import attribute_label, valid_rating
 from credanno.data.sources import PatchBatch, PrepareOptions, register_source
 from credanno.errors import CredannoError
 from credanno.labels import ATTRIBUTE_NAMES, LABEL_NAMES
+from credanno.outputs import one_line
 
 #: Folder split name -> table split name.
 SPLITS = {"train": "train", "val": "test"}
@@ -65,6 +69,22 @@ def read_png(path: Path, size: int) -> np.ndarray:
     if img.ndim == 3:
         img = img[..., :3].mean(-1)
     return np.clip(resize_patch(img, size), 0.0, 1.0)
+
+
+def image_path(root: Path, folder_split: str, cls: int, img_id: str, line: int) -> Path:
+    """The PNG of ``img_id`` in class folder ``cls`` of ``root`` (a resolved path); an id
+    that would leave ``root`` (absolute, ``..``, or a symbolic link pointing out) is an
+    error naming its CSV line."""
+    parts = re.split(r"[/\\]", img_id)
+    where = f"meta_{folder_split}.csv line {line} (image id {one_line(img_id)!r})"
+    if Path(img_id).is_absolute() or img_id[:1] in ("/", "\\") or ".." in parts:
+        raise CredannoError(f"{where} is an absolute path or holds '..'; image ids must name "
+                            f"files inside Image/{folder_split}/{{0,1}}/ of the folder")
+    path = root / "Image" / folder_split / str(cls) / f"{img_id}.png"
+    if path.exists() and not path.resolve().is_relative_to(root):
+        raise CredannoError(f"{where}: {path} resolves to {path.resolve()}, outside the "
+                            "folder (a symbolic link?); copy the image into the folder")
+    return path
 
 
 def folder_table(meta: pd.DataFrame, classes: dict[str, int], split: str) -> pd.DataFrame:
@@ -118,19 +138,21 @@ class FolderSource:
         if not root.is_dir():
             raise CredannoError(f"--folder {root} is not a directory; pass the cRedAnno "
                                 "dataset folder holding Image/ and meta_*.csv")
+        root = root.resolve()  # image paths must stay inside it (see image_path)
         size = options.selection.patch_size
         tables, images = [], []
         for folder_split, split in SPLITS.items():
             meta = read_meta(root / f"meta_{folder_split}.csv")
             classes, paths, missing = {}, [], []
-            for img_id in meta.index:
-                found = [c for c in (0, 1)
-                         if (root / "Image" / folder_split / str(c) / f"{img_id}.png").is_file()]
+            # line 1 of the CSV is its header
+            for line, img_id in enumerate(meta.index, start=2):
+                candidates = [image_path(root, folder_split, c, img_id, line) for c in (0, 1)]
+                found = [c for c, p in zip((0, 1), candidates, strict=True) if p.is_file()]
                 if not found:
                     missing.append(img_id)
                     continue
                 classes[img_id] = found[0]
-                paths.append(root / "Image" / folder_split / str(found[0]) / f"{img_id}.png")
+                paths.append(candidates[found[0]])
             if missing:
                 raise CredannoError(
                     f"{len(missing)} images listed in meta_{folder_split}.csv are missing "
@@ -141,6 +163,6 @@ class FolderSource:
                 paths, desc=f"reading {folder_split} PNGs", disable=not options.progress))
         table = pd.concat(tables, ignore_index=True)
         stack = (np.stack(images) if images else np.zeros((0, size, size))).astype(np.float32)
-        attrs = {"source": "folder", "folder": str(root.resolve()), "split": "folder",
+        attrs = {"source": "folder", "folder": str(root), "split": "folder",
                  "intensity": "as stored (the public code's per-patch min-max)"}
         return PatchBatch(images=stack, table=table, attrs=attrs, skipped={})

@@ -3,7 +3,8 @@
 :class:`EvalResult` holds one record per (method, label, k, frac, seed) with the metrics
 of :mod:`credanno.eval.metrics`, their mean and sd over seeds, per-test-image predictions
 (built on demand) and the paper's Fig. 2 distribution. Accuracies are fractions in the
-API, percent in tables. Files are written atomically.
+API, percent in tables. Files are written by :func:`credanno.outputs.write_csv` (atomic,
+spreadsheet formulas neutralised).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from credanno._atomic import atomic_path
 from credanno.eval import metrics
 from credanno.labels import ATTRIBUTE_NAMES, LABEL_NAMES, SUMMARY_ATTRIBUTES, label_spec
+from credanno.outputs import write_csv
 
 RESULT_COLUMNS: tuple[str, ...] = ("method", "label", "k", "frac", "seed", "acc", "exact_acc",
                                    "balanced_acc", "baseline_acc", "ci95", "n_labelled",
@@ -80,27 +81,23 @@ class EvalResult:
         """The Fig. 2 distribution (probability of n attributes correct), in percent."""
         return format_fig2(self.n_correct_attributes)
 
-    def write_csv(self, path: str | Path) -> Path:
-        """Per-seed records as CSV (``ci95`` split into ``ci95_lo`` and ``ci95_hi``)."""
+    def write_csv(self, path: str | Path, *, option: str = "--csv") -> Path:
+        """Per-seed records as CSV (``ci95`` split into ``ci95_lo`` and ``ci95_hi``).
+
+        ``option`` names the command-line option that chose ``path``, for errors."""
         df = self.results.copy()
         ci = np.array([c if c is not None else (np.nan, np.nan) for c in df["ci95"]],
                       dtype=float).reshape(-1, 2)
         df = df.drop(columns="ci95")
         df.insert(list(RESULT_COLUMNS).index("ci95"), "ci95_lo", ci[:, 0])
         df.insert(list(RESULT_COLUMNS).index("ci95") + 1, "ci95_hi", ci[:, 1])
-        return _write(path, lambda p: df.to_csv(p, index=False))
+        return write_csv(df, path, option=option, index=False)
 
-    def write_predictions(self, path: str | Path) -> Path:
-        """Per-test-image predictions, probabilities and ground truth as CSV."""
-        df = self.predictions
-        return _write(path, lambda p: df.to_csv(p, index=False, float_format="%.6g"))
-
-
-def _write(path: str | Path, writer) -> Path:
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        writer(tmp)
-    return path
+    def write_predictions(self, path: str | Path, *, option: str = "--predictions") -> Path:
+        """Per-test-image predictions, probabilities and ground truth as CSV (ids from the
+        store, such as ``patient_id``, with spreadsheet formulas neutralised)."""
+        return write_csv(self.predictions, path, option=option, index=False,
+                         float_format="%.6g")
 
 
 def _jsonable(rec: dict[str, Any]) -> dict[str, Any]:

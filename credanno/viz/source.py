@@ -3,6 +3,9 @@
 The phantom patches are simulated, so that no figure made from them can be mistaken for a
 real-CT result, every output names its source, read from the store's provenance (the
 patch file's ``source`` attribute) or, failing that, from the patch file itself.
+That attribute is file contents: an unknown one is shown escaped, on one line
+(:func:`credanno.outputs.md_text`), since ``Data:`` lines go to terminals, Markdown and
+figure captions.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from credanno.outputs import md_text, one_line
 
 #: source attribute -> how figures and tables describe it
 SOURCE_WORDS: dict[str, str] = {
@@ -29,7 +34,8 @@ _PATH_KEYS = ("path", "patch_file", "patch_path", "data_path", "data", "file")
 
 @dataclass(frozen=True)
 class DataSource:
-    """``kind``: phantom | synthetic | lidc | folder | unknown; ``text``: for captions."""
+    """``kind``: phantom | synthetic | lidc | folder | unknown | another source name (one
+    line); ``text``: for captions and ``Data:`` lines, safe in Markdown and on one line."""
 
     kind: str
     text: str
@@ -106,10 +112,10 @@ def describe_source(provenance: dict[str, Any],
                     continue
                 if kind:
                     break
+    kind = one_line(kind).lower() if kind is not None else ""
     if not kind:
         return DataSource("unknown", "data of unknown source (provenance does not say)")
-    kind = str(kind).lower()
-    return DataSource(kind, SOURCE_WORDS.get(kind, f"{kind} data"))
+    return DataSource(kind, SOURCE_WORDS.get(kind, f"{md_text(kind)} data"))
 
 
 def patch_file_of(provenance: dict[str, Any],
