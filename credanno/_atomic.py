@@ -168,7 +168,7 @@ def _make_temp(target: Path, option: str) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise CredannoError(f"cannot write {target}: {target.parent} exists and is not a "
+        raise CredannoError(f"cannot write into {target.parent}: it exists and is not a "
                             f"folder; choose another {option}") from None
     except OSError as exc:
         raise CredannoError(f"cannot create folder {target.parent} ({exc.strerror}); "
@@ -184,6 +184,15 @@ def _make_temp(target: Path, option: str) -> Path:
         raise CredannoError(f"cannot write to {target.parent} ({exc.strerror}); "
                             f"choose a writable {option}") from None
     return tmp
+
+
+def writable_folder(folder: str | os.PathLike, option: str = "--out") -> Path:
+    """Create ``folder`` (and parents) and check that files can be made in it, or fail with
+    one line; for commands that write many files, so they fail before any work is done."""
+    folder = Path(folder)
+    probe = _make_temp(folder / "probe", option)  # mkdir + create, errors already one line
+    probe.unlink()
+    return folder
 
 
 def _final_mode(target: Path) -> int:

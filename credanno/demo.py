@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from credanno._atomic import atomic_path
+from credanno._atomic import atomic_path, writable_folder
 from credanno.bench.table1 import mean_sd_pct
 from credanno.errors import CredannoWarning
 from credanno.outputs import md_code, md_text
@@ -129,6 +129,7 @@ def run_demo(out: str | os.PathLike = "demo", seeds: int | Sequence[int] = 3,
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seeds:
         raise CredannoError("the demo needs at least one seed; pass --seeds 1 or more")
+    writable_folder(out)  # fail now, not after minutes of pretraining
     figures_dir, tables_dir, stores_dir = out / "figures", out / "tables", out / "stores"
     dev = device or _default_device()
     st = _Stages(8, on_stage)

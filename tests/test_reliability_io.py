@@ -336,6 +336,9 @@ def test_out_under_a_file_and_too_long_name(tmp_path, tiny_patch_file):
     proc = _cli("embed", "--encoder", "pixels", "--data", str(tiny_patch_file),
                 "--out", str(blocker / "s.h5"), "--quiet")
     _assert_one_line(proc, "not a folder", "--out")
+    for args in (("pretrain", "--data", str(tiny_patch_file), "--epochs", "1"), ("demo",)):
+        proc = _cli(*args, "--out", str(blocker / "sub"))
+        _assert_one_line(proc, str(blocker), "--out")
     long_name = tmp_path / ("n" * 300 + ".h5")
     proc = _cli("embed", "--encoder", "pixels", "--data", str(tiny_patch_file),
                 "--out", str(long_name), "--quiet")
@@ -354,7 +357,8 @@ def test_out_on_read_only_filesystem(tmp_path, tiny_patch_file):
         for args in (("embed", "--encoder", "pixels", "--data", str(tiny_patch_file),
                       "--out", str(ro / "s.h5"), "--quiet"),
                      ("pretrain", "--data", str(tiny_patch_file), "--out", str(ro / "run"),
-                      "--epochs", "1")):
+                      "--epochs", "1"),
+                     ("demo", "--data", str(tiny_patch_file), "--out", str(ro / "demo"))):
             proc = _cli(*args)
             _assert_one_line(proc, str(ro), "--out")
     finally:
