@@ -10,8 +10,9 @@ from credanno.errors import CredannoError
 from credanno.pretrain.config import PretrainConfig, available_presets, load_config
 from credanno.pretrain.heads import DINOHead, MultiCropWrapper
 from credanno.pretrain.loss import DINOLoss
-from credanno.pretrain.multicrop import MultiCrop, mix64, sample_keys, uniforms
+from credanno.pretrain.multicrop import CropSpec, MultiCrop
 from credanno.pretrain.nodule_views import SameNoduleViews
+from credanno.pretrain.rng import mix64, sample_keys, uniforms
 from credanno.pretrain.schedules import cosine_schedule, teacher_temperature_schedule
 from credanno.pretrain.train import clip_per_parameter, ema_update, param_groups, select_amp_dtype
 
@@ -87,7 +88,7 @@ def test_splitmix_matches_reference_and_uniforms_are_uniform():
 
 
 def test_multicrop_is_per_image_deterministic():
-    mc = MultiCrop(global_size=16, local_size=8, n_local=3, blur_sigma=(0.1, 1.0))
+    mc = MultiCrop(CropSpec(global_size=16, local_size=8, n_local=3, blur_sigma=(0.1, 1.0)))
     images = torch.rand(6, 16, 16)
     keys = sample_keys(1, 2, torch.arange(6))
     crops = mc(images, keys)
@@ -98,14 +99,14 @@ def test_multicrop_is_per_image_deterministic():
     # other epochs draw other crops; all values stay in the normalised [0, 1] range
     other = mc(images, sample_keys(1, 3, torch.arange(6)))
     assert not torch.equal(other[0], crops[0])
-    lo, hi = (0 - mc.mean) / mc.std, (1 - mc.mean) / mc.std
+    lo, hi = (0 - mc.spec.mean) / mc.spec.std, (1 - mc.spec.mean) / mc.spec.std
     assert all(c.min() >= lo - 1e-5 and c.max() <= hi + 1e-5 for c in crops)
 
 
 def test_multicrop_flips_half_the_crops():
-    mc = MultiCrop(global_size=8, local_size=4, n_local=0, global_scale=(1.0, 1.0),
-                   brightness=0.0, contrast=0.0, blur_sigma=(1e-3, 1e-3), channels=1,
-                   mean=0.0, std=1.0, interpolation="bilinear")
+    mc = MultiCrop(CropSpec(global_size=8, local_size=4, n_local=0, global_scale=(1.0, 1.0),
+                            brightness=0.0, contrast=0.0, blur_sigma=(1e-3, 1e-3), channels=1,
+                            mean=0.0, std=1.0, interpolation="bilinear"))
     ramp = torch.linspace(0, 1, 8)[None, :].expand(8, 8)
     c = mc(ramp[None].expand(64, 8, 8).contiguous(), sample_keys(0, 0, torch.arange(64)))[0]
     flipped = c[:, 0, 4, 0] > c[:, 0, 4, -1]
@@ -122,7 +123,7 @@ def test_local_shift_keeps_local_crops_on_the_centre():
     images, keys = dot[None].expand(32, 16, 16).contiguous(), sample_keys(0, 0, torch.arange(32))
 
     def nodule_fraction(shift: float) -> torch.Tensor:
-        local = torch.cat(MultiCrop(local_shift=shift, **quiet)(images, keys)[2:])
+        local = torch.cat(MultiCrop(CropSpec(local_shift=shift, **quiet))(images, keys)[2:])
         return local.mean(dim=(1, 2, 3))
 
     centred = nodule_fraction(0.0)
@@ -140,7 +141,7 @@ def test_rotation_turns_crops_about_their_centre():
     images, keys = bar[None].expand(64, 16, 16).contiguous(), sample_keys(0, 0, torch.arange(64))
 
     def n_vertical(rotation: float) -> int:
-        crops = MultiCrop(rotation=rotation, **quiet)(images, keys)[0][:, 0]
+        crops = MultiCrop(CropSpec(rotation=rotation, **quiet))(images, keys)[0][:, 0]
         return int((crops[:, 2:14, 7:9].mean(dim=(1, 2))
                     > crops[:, 7:9, 2:14].mean(dim=(1, 2))).sum())
 
@@ -169,7 +170,7 @@ def test_multicrop_second_images_feed_crop_two_and_the_locals():
                  blur_sigma=(1e-3, 1e-3), channels=1, mean=0.0, std=1.0)
     dark, bright = torch.zeros(4, 8, 8), torch.full((4, 8, 8), 0.4)  # below solarisation
     keys = sample_keys(0, 0, torch.arange(4))
-    crops = MultiCrop(**quiet)(dark, keys, bright)
+    crops = MultiCrop(CropSpec(**quiet))(dark, keys, bright)
     assert crops[0].max() == 0 and all(c.min() > 0.3 for c in crops[1:])
 
 

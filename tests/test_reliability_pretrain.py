@@ -14,6 +14,8 @@ import torch
 from credanno.data.patchfile import write_patch_file
 from credanno.errors import CredannoError
 from credanno.pretrain import load_config, pretrain
+from credanno.pretrain import outputs as outputs_mod
+from credanno.pretrain import runs as runs_mod
 from credanno.pretrain import train as train_mod
 from credanno.pretrain.checkpoint import load_backbone, read_checkpoint
 from credanno.synthetic import synthetic_images, synthetic_table
@@ -195,10 +197,10 @@ def test_optimizer_moments_of_the_wrong_shape_are_refused(trained, tmp_path, dat
 def _killed_in_epoch_2(monkeypatch):
     original = train_mod.Trainer.run_epoch
 
-    def killed(self, epoch, bar=None):
+    def killed(self, epoch):
         if epoch == 1:
             raise KeyboardInterrupt  # the process dies after epoch 1's checkpoint
-        return original(self, epoch, bar)
+        return original(self, epoch)
 
     monkeypatch.setattr(train_mod.Trainer, "run_epoch", killed)
     return original
@@ -228,7 +230,7 @@ def test_default_run_name_does_not_resume_on_other_data(tmp_path, monkeypatch):
         pretrain(tiny(data, None, epochs=2))
     (first,) = (tmp_path / "runs").iterdir()
     monkeypatch.setattr(train_mod.Trainer, "run_epoch", original)
-    monkeypatch.setattr(train_mod, "_timestamp", lambda: "second")
+    monkeypatch.setattr(runs_mod, "_timestamp", lambda: "second")
     _patch_file(data, seed=2)
     result = pretrain(tiny(data, None, epochs=2))       # the same command on other data
     assert result.resumed_from == 0 and result.run_dir.resolve() != first.resolve()
@@ -238,14 +240,14 @@ def test_default_run_name_does_not_resume_on_other_data(tmp_path, monkeypatch):
 
 def _kill_after_checkpoint_of(n_rows, monkeypatch):
     """Die after the checkpoint of epoch ``n_rows`` but before its metrics and plot."""
-    original = train_mod._write_metrics
+    original = outputs_mod.write_metrics
 
     def write(path, metrics):
         if len(metrics) == n_rows:
             raise KeyboardInterrupt
         original(path, metrics)
 
-    monkeypatch.setattr(train_mod, "_write_metrics", write)
+    monkeypatch.setattr(outputs_mod, "write_metrics", write)
     return original
 
 
@@ -260,7 +262,7 @@ def test_already_trained_run_restores_metrics_and_plot(tmp_path, data, monkeypat
         pretrain(tiny(data, run, epochs=2))
     assert read_checkpoint(run)["epoch"] == 2
     assert len(_rows(run)) == 1 and not (run / "loss.png").exists()
-    monkeypatch.setattr(train_mod, "_write_metrics", original)
+    monkeypatch.setattr(outputs_mod, "write_metrics", original)
     again = pretrain(tiny(data, run, epochs=2))
     assert again.resumed_from == 2
     assert [m["epoch"] for m in _rows(run)] == [1, 2] == [m["epoch"] for m in again.metrics]
@@ -273,7 +275,7 @@ def test_resumed_run_keeps_every_epochs_row(tmp_path, data, monkeypatch):
     original = _kill_after_checkpoint_of(2, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         pretrain(tiny(data, run, epochs=3))
-    monkeypatch.setattr(train_mod, "_write_metrics", original)
+    monkeypatch.setattr(outputs_mod, "write_metrics", original)
     (run / "metrics.jsonl").write_text("not json\n")   # a damaged file is rewritten too
     result = pretrain(tiny(data, run, epochs=3))
     assert result.resumed_from == 2

@@ -204,6 +204,20 @@ def _first_problem(cfg: PretrainConfig) -> tuple[str, str] | None:
 
 FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
 
+#: Settings that may change when a run is resumed: where and how fast it runs, what it
+#: reports, and the start weights (a resumed run has its weights already). Every other
+#: field changes the result, so a resume with another value is refused.
+RESUMABLE_CHANGES = frozenset({"out", "device", "monitor_every", "monitor_val_frac",
+                               "monitor_k", "compile", "amp", "init"})
+#: Run facts saved in config.json beside the config fields (not settings).
+RUN_FACTS = ("data_sha256",)
+
+
+def result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a config dict (or a saved ``config.json``) that decide a run's result:
+    two runs may continue each other only where these are equal."""
+    return {k: v for k, v in cfg.items() if k not in RESUMABLE_CHANGES and k not in RUN_FACTS}
+
 
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
@@ -288,15 +302,6 @@ def load_config(preset: str | None = None, file: str | os.PathLike | None = None
     if overrides:
         _apply(cfg, dict(overrides), "the command line")
     return cfg.validate()
-
-
-def config_from_dict(d: dict[str, Any]) -> PretrainConfig:
-    """Rebuild a config saved in a checkpoint (unknown keys from newer versions ignored)."""
-    cfg = PretrainConfig()
-    for key, value in d.items():
-        if key in FIELDS:
-            setattr(cfg, key, value)
-    return cfg
 
 
 def save_config(cfg: PretrainConfig, path: str | os.PathLike,

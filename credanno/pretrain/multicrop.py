@@ -8,52 +8,23 @@ Gaussian blur (p = 1.0 / 0.1 / 0.5 for global 1 / global 2 / local crops) and so
 nodule-centred patches (off by default): local crops kept near the centre, in-plane rotation,
 and crop 2 and the local crops taken from a second image (see :mod:`.nodule_views`).
 
-Randomness is *counter-based*: every random number is a hash of (run seed, epoch, image
-index, crop, parameter), computed with integer tensor ops. An image's crops therefore do not
-depend on the batch it lands in, on the device, or on the number of ranks, which makes
-distributed shards reproduce the single-process batch and resumes bit-exact.
+Randomness is *counter-based* (:mod:`.rng`): every random number is a hash of (run seed,
+epoch, image index, crop, parameter), computed with integer tensor ops. An image's crops
+therefore do not depend on the batch it lands in, on the device, or on the number of ranks,
+which makes distributed shards reproduce the single-process batch and resumes bit-exact.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from credanno.pretrain.rng import crop_keys, uniforms
 from credanno.transforms import LIDC_MEAN, LIDC_STD
-
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # as a signed int64
-_M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-_M2 = 0x94D049BB133111EB - (1 << 64)
-
-
-def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
-    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
-    return (x >> s) & ((1 << (64 - s)) - 1)
-
-
-def mix64(x: torch.Tensor) -> torch.Tensor:
-    """SplitMix64's finaliser on int64 tensors (wrapping arithmetic): a bijective hash."""
-    x = x + _GOLDEN
-    x = (x ^ _shr(x, 30)) * _M1
-    x = (x ^ _shr(x, 27)) * _M2
-    return x ^ _shr(x, 31)
-
-
-def sample_keys(seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
-    """One int64 key per image of this epoch, from which all its crops are drawn."""
-    base = mix64(mix64(torch.tensor([seed], dtype=torch.int64)) + epoch)
-    return mix64(base.to(indices.device) + indices.to(torch.int64) * _M1)
-
-
-def uniforms(keys: torch.Tensor, n: int) -> torch.Tensor:
-    """(len(keys), n) float32 uniforms in [0, 1), a pure function of the keys."""
-    counters = torch.arange(1, n + 1, device=keys.device, dtype=torch.int64) * _M2
-    bits = mix64(keys[:, None] ^ counters[None, :])
-    return _shr(bits, 40).to(torch.float32) / float(1 << 24)
 
 
 @dataclass(frozen=True)
@@ -74,6 +45,44 @@ LOCAL = CropPolicy(blur=0.5)
 _N_PARAMS = 13  # random numbers drawn per crop (counter-based: adding one keeps the rest)
 
 
+@dataclass(frozen=True)
+class CropSpec:
+    """What the multi-crop draws: sizes, scale ranges, photometric strengths, normalisation.
+
+    Defaults are DINO's (224 px global crops of area 0.4-1, eight 96 px local crops of area
+    0.05-0.4, blur sigma 0.1-2 px, brightness and contrast 0.4); ``local_shift`` < 1 keeps
+    local crops near the patch centre, ``rotation`` > 0 turns every crop (degrees).
+    """
+
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 8
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    brightness: float = 0.4
+    contrast: float = 0.4
+    mean: float = LIDC_MEAN
+    std: float = LIDC_STD
+    channels: int = 3
+    interpolation: str = "bicubic"
+    local_shift: float = 1.0
+    rotation: float = 0.0
+
+    def __post_init__(self) -> None:
+        # lists from a TOML/JSON config become tuples, so the spec stays hashable
+        for name in ("global_scale", "local_scale", "blur_sigma"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> CropSpec:
+        """The crops of a :class:`~credanno.pretrain.config.PretrainConfig`."""
+        return cls(global_size=cfg.global_size, local_size=cfg.local_size,
+                   n_local=cfg.local_crops, global_scale=cfg.global_scale,
+                   local_scale=cfg.local_scale, blur_sigma=cfg.blur_sigma,
+                   local_shift=cfg.local_shift, rotation=cfg.rotation)
+
+
 class MultiCrop:
     """Callable ``(images (B, H, W) in [0, 1], keys (B,)) -> list of 2 + n_local crops``.
 
@@ -81,41 +90,28 @@ class MultiCrop:
     (B, channels, size, size) and normalised.
     """
 
-    def __init__(self, global_size: int = 224, local_size: int = 96, n_local: int = 8,
-                 global_scale: Sequence[float] = (0.4, 1.0),
-                 local_scale: Sequence[float] = (0.05, 0.4),
-                 blur_sigma: Sequence[float] = (0.1, 2.0), brightness: float = 0.4,
-                 contrast: float = 0.4, mean: float = LIDC_MEAN, std: float = LIDC_STD,
-                 channels: int = 3, interpolation: str = "bicubic", local_shift: float = 1.0,
-                 rotation: float = 0.0):
-        self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
-        self.global_scale, self.local_scale = tuple(global_scale), tuple(local_scale)
-        self.blur_sigma = tuple(blur_sigma)
-        self.brightness, self.contrast = brightness, contrast
-        self.mean, self.std, self.channels = mean, std, channels
-        self.interpolation = interpolation
-        self.local_shift = local_shift
-        self.rotation = rotation
+    def __init__(self, spec: CropSpec | None = None):
+        self.spec = CropSpec() if spec is None else spec
 
     @property
     def n_crops(self) -> int:
-        return 2 + self.n_local
+        return 2 + self.spec.n_local
 
     def __call__(self, images: torch.Tensor, keys: torch.Tensor,
                  second: torch.Tensor | None = None) -> list[torch.Tensor]:
         """``second``: optional (B, H, W) images for global crop 2 and the local crops
         (e.g. another radiologist's patch of the same nodule); default ``images``."""
+        sp = self.spec
         x = self._as_batch(images)
         y = x if second is None else self._as_batch(second)
         b = x.shape[0]
-        crops = self._group([x, y], keys, [0, 1], [GLOBAL_1, GLOBAL_2], self.global_size,
-                            self.global_scale, 1.0).split(b)
+        crops = self._group([x, y], keys, [0, 1], [GLOBAL_1, GLOBAL_2], sp.global_size,
+                            sp.global_scale, 1.0).split(b)
         out = list(crops)
-        if self.n_local:
-            ids = list(range(2, 2 + self.n_local))
-            out += list(self._group([y] * self.n_local, keys, ids, [LOCAL] * self.n_local,
-                                    self.local_size, self.local_scale,
-                                    self.local_shift).split(b))
+        if sp.n_local:
+            ids = list(range(2, 2 + sp.n_local))
+            out += list(self._group([y] * sp.n_local, keys, ids, [LOCAL] * sp.n_local,
+                                    sp.local_size, sp.local_scale, sp.local_shift).split(b))
         return out
 
     @staticmethod
@@ -128,9 +124,7 @@ class MultiCrop:
         """All crops of one size in one batched pass (crop c from ``sources[c]``);
         rows are crop-major."""
         b, dev = sources[0].shape[0], sources[0].device
-        ids = torch.tensor(crop_ids, dtype=torch.int64, device=dev)
-        crop_keys = mix64(keys.to(dev)[None, :] + ids[:, None] * _GOLDEN).reshape(-1)
-        u = uniforms(crop_keys, _N_PARAMS)
+        u = uniforms(crop_keys(keys.to(dev), crop_ids), _N_PARAMS)
 
         def per_row(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, device=dev).repeat_interleave(b)
@@ -141,8 +135,9 @@ class MultiCrop:
         out = self._blur(out, u, per_row([p.blur for p in policies]))
         solar = (u[:, 11] < per_row([p.solarize for p in policies]))[:, None, None, None]
         out = torch.where(solar & (out >= 0.5), 1.0 - out, out)
-        out = (out - self.mean) / self.std
-        return out.expand(-1, self.channels, -1, -1) if self.channels != 1 else out
+        out = (out - self.spec.mean) / self.spec.std
+        channels = self.spec.channels
+        return out.expand(-1, channels, -1, -1) if channels != 1 else out
 
     def _resized_crop(self, x: torch.Tensor, u: torch.Tensor, size: int,
                       scale: tuple[float, float], shift: float,
@@ -152,7 +147,7 @@ class MultiCrop:
 
         ``shift`` < 1 keeps the crop centre within that fraction of the free room around
         the image centre (1 = anywhere, as torchvision), so that small crops of a centred
-        nodule patch still show the nodule. ``self.rotation`` > 0 also turns the crop by a
+        nodule patch still show the nodule. ``spec.rotation`` > 0 also turns the crop by a
         uniform angle in +/- that many degrees about its centre (an axial CT slice has no
         preferred in-plane orientation)."""
         area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
@@ -163,21 +158,22 @@ class MultiCrop:
         cx = shift * (1 - w) * (2 * u[:, 2] - 1)  # crop centre in shift * [-1 + w, 1 - w]
         cy = shift * (1 - h) * (2 * u[:, 3] - 1)
         flip = torch.where(u[:, 4] < p_flip, -1.0, 1.0)
-        angle = math.radians(self.rotation) * (2 * u[:, 12] - 1)
+        angle = math.radians(self.spec.rotation) * (2 * u[:, 12] - 1)
         cos, sin = torch.cos(angle), torch.sin(angle)
         # output -> input coordinates: scale (and flip) the crop, then rotate it, then shift
         theta = torch.stack([torch.stack([cos * w * flip, -sin * h, cx], -1),
                              torch.stack([sin * w * flip, cos * h, cy], -1)], 1)
         grid = F.affine_grid(theta, [x.shape[0], 1, size, size], align_corners=False)
-        out = F.grid_sample(x, grid, mode=self.interpolation, padding_mode="border",
+        out = F.grid_sample(x, grid, mode=self.spec.interpolation, padding_mode="border",
                             align_corners=False)
         return out.clamp_(0.0, 1.0)
 
     def _jitter(self, x: torch.Tensor, u: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """Brightness and contrast factors in [1 - s, 1 + s], applied in a random order."""
+        s_b, s_c = self.spec.brightness, self.spec.contrast
         apply = (u[:, 5] < p)[:, None, None, None]
-        bright = (1 - self.brightness + 2 * self.brightness * u[:, 6])[:, None, None, None]
-        contr = (1 - self.contrast + 2 * self.contrast * u[:, 7])[:, None, None, None]
+        bright = (1 - s_b + 2 * s_b * u[:, 6])[:, None, None, None]
+        contr = (1 - s_c + 2 * s_c * u[:, 7])[:, None, None, None]
 
         def brightness(t):
             return (t * bright).clamp(0.0, 1.0)
@@ -192,7 +188,7 @@ class MultiCrop:
 
     def _blur(self, x: torch.Tensor, u: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """Separable Gaussian blur with a per-image sigma; a delta kernel where not applied."""
-        lo, hi = self.blur_sigma
+        lo, hi = self.spec.blur_sigma
         radius = min(max(1, math.ceil(3 * hi)), x.shape[-1] - 1)
         sigma = (lo + (hi - lo) * u[:, 10])[:, None]
         t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)[None, :]

@@ -6,15 +6,17 @@ clipping, the prototype layer frozen during the first epoch), then the teacher f
 student by EMA. Every epoch the checkpoint is rewritten atomically, so a killed run resumes
 from its last finished epoch with the same result as an uninterrupted one: all randomness is
 a function of (seed, epoch, image index, rank), never of hidden generator state.
+
+What else a run does each epoch (k-NN monitor, progress bar, metrics.jsonl and loss.png) are
+callbacks (:mod:`.callbacks`); the run folder's name and resume policy live in :mod:`.runs`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from credanno._atomic import atomic_path
 from credanno.errors import CredannoError
-from credanno.paths import RUNS_DIR
 from credanno.pretrain import distributed as D
+from credanno.pretrain.callbacks import Callback, ProgressBar
 from credanno.pretrain.checkpoint import (
     CHECKPOINT_NAME,
     bad_field,
@@ -38,16 +39,24 @@ from credanno.pretrain.checkpoint import (
 from credanno.pretrain.config import PretrainConfig, save_config
 from credanno.pretrain.heads import LAST_LAYER, DINOHead, MultiCropWrapper
 from credanno.pretrain.loss import DINOLoss
-from credanno.pretrain.multicrop import MultiCrop, mix64, sample_keys
+from credanno.pretrain.monitor import KnnMonitor
+from credanno.pretrain.multicrop import CropSpec, MultiCrop
 from credanno.pretrain.nodule_views import SameNoduleViews
+from credanno.pretrain.outputs import (
+    LOSS_PLOT_NAME,
+    METRICS_NAME,
+    MetricsWriter,
+    checkpoint_metrics,
+    existing,
+    reconcile_outputs,
+)
+from credanno.pretrain.rng import derive_seed, epoch_permutation, sample_keys
+from credanno.pretrain.runs import check_resumable, has_checkpoint, make_run_dir, resolve_run_dir
 from credanno.pretrain.schedules import cosine_schedule, teacher_temperature_schedule
 from credanno.transforms import EvalTransform
 
-#: Settings that may change when a run is resumed (they do not change its result).
-RESUMABLE_CHANGES = frozenset({"out", "device", "monitor_every", "monitor_val_frac",
-                               "monitor_k", "compile", "amp", "init"})
-#: Run facts saved in config.json beside the config fields (not settings).
-RUN_FACTS = ("data_sha256",)
+#: salt of the per-(epoch, rank) seed of the default generator, which drop path draws from
+_DROP_PATH_SALT = 0xD409
 
 
 @dataclass
@@ -116,70 +125,6 @@ def ema_update(teacher: list[torch.Tensor], student: list[torch.Tensor], momentu
     torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
 
 
-def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The same image order on every rank, a pure function of (seed, epoch)."""
-    g = torch.Generator().manual_seed(_derive_seed(seed, epoch, 0x5EED))
-    return torch.randperm(n, generator=g)
-
-
-def _derive_seed(*parts: int) -> int:
-    x = torch.tensor([0], dtype=torch.int64)
-    for part in parts:
-        x = mix64(x + int(part))
-    return int(x.item()) & ((1 << 63) - 1)
-
-
-def _timestamp() -> str:
-    return _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-
-
-def _comparable(cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in cfg.items() if k not in RESUMABLE_CHANGES and k not in RUN_FACTS}
-
-
-def _find_unfinished(cfg: PretrainConfig, data_sha256: str | None = None) -> Path | None:
-    """The newest ``runs/<preset>-*`` run that was stopped early with these same settings
-    on the same patch file (by content, not by path)."""
-    runs = sorted(RUNS_DIR.glob(f"{cfg.preset}-*/{CHECKPOINT_NAME}"),
-                  key=lambda p: p.stat().st_mtime, reverse=True)
-    for ckpt in runs[:5]:
-        cfg_file = ckpt.parent / "config.json"
-        metrics = ckpt.parent / "metrics.jsonl"
-        try:
-            saved = json.loads(cfg_file.read_text())
-            done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-        except (OSError, json.JSONDecodeError):
-            continue
-        same_data = saved.get("data_sha256") in (None, data_sha256)
-        if done < cfg.epochs and same_data and _comparable(saved) == _comparable(cfg.to_dict()):
-            return ckpt.parent
-    return None
-
-
-def resolve_run_dir(cfg: PretrainConfig, data_sha256: str | None = None) -> Path:
-    """``--out`` if given; else an unfinished run of the same settings; else a new name."""
-    if cfg.out:
-        return Path(cfg.out)
-    return _find_unfinished(cfg, data_sha256) or RUNS_DIR / f"{cfg.preset}-{_timestamp()}"
-
-
-def _has_checkpoint(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a checkpoint; an impossible path is a one-line error."""
-    try:
-        return (run_dir / CHECKPOINT_NAME).exists()
-    except OSError as exc:  # e.g. a name longer than the file system allows
-        raise CredannoError(f"cannot use run folder {run_dir} ({exc.strerror}); "
-                            "choose another --out") from None
-
-
-def _make_run_dir(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # read-only, no permission, a file in the way, name too long
-        raise CredannoError(f"cannot create run folder {run_dir} ({exc.strerror}); "
-                            "choose a writable --out") from None
-
-
 def load_train_images(path: str) -> tuple[np.ndarray, Any]:
     """The training split's images and table (the test split is never seen in pretraining)."""
     from credanno.data.patchfile import read_patch_file
@@ -197,14 +142,46 @@ def load_train_images(path: str) -> tuple[np.ndarray, Any]:
     return patches.images[train], patches.table[train].reset_index(drop=True)
 
 
-class Trainer:
-    """One pretraining run on this rank. Build with a config, call :meth:`run`."""
+def default_callbacks(cfg: PretrainConfig, progress: bool = False) -> list[Callback]:
+    """The k-NN monitor (when ``monitor_every`` > 0), a progress bar (when ``progress``) and
+    the metrics writer, in the order they run."""
+    callbacks: list[Callback] = [KnnMonitor()] if cfg.monitor_every > 0 else []
+    if progress:
+        callbacks.append(ProgressBar())
+    return [*callbacks, MetricsWriter()]
 
-    def __init__(self, cfg: PretrainConfig, env: D.DistEnv, progress: bool = False):
+
+class Trainer:
+    """One pretraining run on this rank. Build with a config, call :meth:`run`.
+
+    ``callbacks`` replace :func:`default_callbacks` (pass them plus your own to extend).
+    """
+
+    def __init__(self, cfg: PretrainConfig, env: D.DistEnv, progress: bool = False,
+                 callbacks: Sequence[Callback] | None = None):
         self.cfg, self.env, self.progress = cfg, env, progress
         self.device = env.device
+        self.callbacks = list(default_callbacks(cfg, progress) if callbacks is None
+                              else callbacks)
+        self._load_data()
+        self.amp_dtype = select_amp_dtype(cfg.amp, self.device.type)
+        self.multicrop = MultiCrop(CropSpec.from_config(cfg))
+        self.nodule_views = self._nodule_views()
+        self.eval_transform = EvalTransform(resize=cfg.eval_resize, crop=cfg.eval_crop)
+        self.run_dir = Path(D.broadcast_object(str(resolve_run_dir(cfg, self.data_sha256)),
+                                               env))
+        self.checkpoint = self.run_dir / CHECKPOINT_NAME
+        self.resuming = has_checkpoint(self.run_dir)
+        self._build_models()
+        self._build_optimizer()
+        self._wrap_models()
+        self._build_schedules()
+
+    # -- construction -------------------------------------------------------------------
+    def _load_data(self) -> None:
         from credanno.data.patchfile import file_sha256
 
+        cfg, env = self.cfg, self.env
         images, self.table = load_train_images(cfg.data)
         # The data's identity is its content: a resume on other images at the same path
         # would silently mix two datasets.
@@ -219,25 +196,17 @@ class Trainer:
         if cfg.batch_size % env.world_size:
             raise CredannoError(f"batch size {cfg.batch_size} is not divisible by "
                                 f"{env.world_size} processes; pass a multiple of the rank count")
-        self.amp_dtype = select_amp_dtype(cfg.amp, self.device.type)
-        self.multicrop = MultiCrop(cfg.global_size, cfg.local_size, cfg.local_crops,
-                                   cfg.global_scale, cfg.local_scale, cfg.blur_sigma,
-                                   local_shift=cfg.local_shift, rotation=cfg.rotation)
-        self.nodule_views = None
-        if cfg.nodule_views > 0:
-            if "nodule_id" not in self.table:
-                raise CredannoError(f"{cfg.data} has no nodule_id column for nodule_views; "
-                                    "set nodule_views = 0 or re-create it with `credanno prepare`")
-            self.nodule_views = SameNoduleViews(self.table["nodule_id"].to_numpy(),
-                                                cfg.nodule_views, self.device)
-        self.eval_transform = EvalTransform(resize=cfg.eval_resize, crop=cfg.eval_crop)
-        self.run_dir = Path(D.broadcast_object(str(resolve_run_dir(cfg, self.data_sha256)),
-                                               env))
-        self.resuming = _has_checkpoint(self.run_dir)
-        self._build_models()
-        self._build_schedules()
 
-    # -- construction -------------------------------------------------------------------
+    def _nodule_views(self) -> SameNoduleViews | None:
+        cfg = self.cfg
+        if cfg.nodule_views <= 0:
+            return None
+        if "nodule_id" not in self.table:
+            raise CredannoError(f"{cfg.data} has no nodule_id column for nodule_views; "
+                                "set nodule_views = 0 or re-create it with `credanno prepare`")
+        return SameNoduleViews(self.table["nodule_id"].to_numpy(), cfg.nodule_views,
+                               self.device)
+
     def _build_models(self) -> None:
         cfg = self.cfg
         kwargs = cfg.backbone_kwargs()
@@ -267,17 +236,23 @@ class Trainer:
                                   if n.startswith(LAST_LAYER)]
         self.loss_fn = DINOLoss(cfg.out_dim, n_global=2, student_temp=cfg.student_temp,
                                 center_momentum=cfg.center_momentum).to(self.device)
+
+    def _build_optimizer(self) -> None:
+        cfg = self.cfg
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=cfg.peak_lr,
                                            fused=fused or None)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def _wrap_models(self) -> None:
+        """DDP around the student on several ranks; ``torch.compile`` when asked."""
         self.ddp_student: nn.Module = self.student
         if self.env.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_student = DistributedDataParallel(self.student, device_ids=ids)
-        if cfg.compile:
+        if self.cfg.compile:
             # Module.compile keeps state-dict keys free of an ``_orig_mod.`` prefix.
             self.student.backbone.compile()
             self.teacher.backbone.compile()
@@ -295,6 +270,9 @@ class Trainer:
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self, epoch: int, metrics: list[dict[str, Any]]) -> dict[str, Any]:
+        # No generator state is saved: every draw (image order, crops, partner views, drop
+        # path masks) is a function of (seed, epoch, image index, rank), so a resume from
+        # epoch e draws what an uninterrupted run draws from e on (test: resume = full run).
         return {
             "epoch": epoch,
             # the rows travel with the weights, so a kill before metrics.jsonl loses none
@@ -310,9 +288,6 @@ class Trainer:
             "centre": self.loss_fn.center.detach().clone(),
             "scaler": self.scaler.state_dict(),
             "eval_transform": self.eval_transform.to_dict(),
-            # Randomness is derived from (seed, epoch, index, rank); these are the seeds.
-            "rng": {"scheme": "splitmix64(seed, epoch, index)", "seed": self.cfg.seed,
-                    "torch_cpu": torch.get_rng_state()},
             "init": self.init_report,
             "train_images": self.n,
         }
@@ -353,24 +328,6 @@ class Trainer:
                                         f"has shape {tuple(value.shape)} for a parameter of "
                                         f"shape {tuple(p.shape)}")
 
-    def _check_resumable(self, state: dict[str, Any], ckpt: Path) -> None:
-        """Same settings and the same patch file (by sha256) as the run being resumed."""
-        saved, now = _comparable(state["config"]), _comparable(self.cfg.to_dict())
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if diff:
-            shown = ", ".join(f"{k}={saved.get(k)!r} (now {now.get(k)!r})" for k in diff[:4])
-            raise CredannoError(f"{self.run_dir} was started with other settings ({shown}); "
-                                "pass the same settings to resume or a new --out")
-        if state["epoch"] > self.cfg.epochs:
-            raise bad_field(ckpt, "epoch", f"is {state['epoch']}, beyond the run's "
-                                           f"{self.cfg.epochs} epochs")
-        old = state.get("data_sha256")
-        if old is not None and old != self.data_sha256:
-            raise CredannoError(
-                f"{self.cfg.data} is not the patch file {self.run_dir} was trained on (its "
-                f"sha256 was {str(old)[:12]}..., now {self.data_sha256[:12]}...); pass a new "
-                "--out to train on these images, or restore the original file to resume")
-
     # -- loop -----------------------------------------------------------------------------
     def train_step(self, epoch: int, it: int, indices: torch.Tensor) -> torch.Tensor:
         """One optimisation step on this rank's images ``indices``; returns the loss."""
@@ -404,23 +361,20 @@ class Trainer:
         ema_update(self.teacher_params, self.student_params, float(self.momentum_schedule[it]))
         return loss.detach()
 
-    def run_epoch(self, epoch: int, bar=None) -> dict[str, Any]:
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over this epoch's image order; returns its metrics row."""
         cfg, env = self.cfg, self.env
         # Drop path draws from the device's default generator: seed it per (epoch, rank).
-        torch.manual_seed(_derive_seed(cfg.seed, epoch, env.rank, 0xD409))
+        torch.manual_seed(derive_seed(cfg.seed, epoch, env.rank, _DROP_PATH_SALT))
         order = epoch_permutation(cfg.seed, epoch, self.n)
         loss_sum = torch.zeros((), device=self.device)
+        self._emit("on_epoch_start", epoch)
         start = time.perf_counter()
         for step in range(self.steps_per_epoch):
             batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             it = epoch * self.steps_per_epoch + step
             loss_sum += self.train_step(epoch, it, D.shard(batch, env))
-            if bar is not None and (step % 5 == 4 or step == self.steps_per_epoch - 1):
-                elapsed = time.perf_counter() - start
-                bar.update(step + 1 - bar.n + epoch * self.steps_per_epoch)
-                bar.set_postfix(loss=f"{loss_sum.item() / (step + 1):.3f}",
-                                lr=f"{self.lr_schedule[it]:.2e}",
-                                img_s=f"{(step + 1) * cfg.batch_size / elapsed:.0f}")
+            self._emit("on_step_end", epoch, step, loss_sum)
         loss = D.all_reduce_mean(loss_sum / self.steps_per_epoch, env).item()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -434,177 +388,79 @@ class Trainer:
                 "epoch_time_s": seconds}
 
     def run(self) -> RunResult:
-        cfg, env = self.cfg, self.env
-        run_dir = self.run_dir
-        ckpt = run_dir / CHECKPOINT_NAME
-        metrics: list[dict[str, Any]] = []
-        start_epoch = 0
-        if self.resuming:
-            state = read_checkpoint(ckpt, map_location=self.device)
-            self._check_resumable(state, ckpt)
-            start_epoch = self.load_state(state, ckpt)
-            metrics = _checkpoint_metrics(state, ckpt, run_dir / "metrics.jsonl")
-            if env.is_main:
-                _reconcile_outputs(run_dir, metrics, plot=start_epoch >= cfg.epochs)
-        elif env.is_main:
-            _make_run_dir(run_dir)
-            save_config(cfg, run_dir / "config.json", {"data_sha256": self.data_sha256})
-        result = RunResult(run_dir=run_dir, checkpoint=ckpt, metrics=metrics,
+        """Train the epochs not yet in the checkpoint (none if the run is finished)."""
+        start_epoch, metrics = self._open_run()
+        result = RunResult(run_dir=self.run_dir, checkpoint=self.checkpoint, metrics=metrics,
                            resumed_from=start_epoch)
-        if start_epoch >= cfg.epochs:
-            result.loss_curve = _existing(run_dir / "loss.png")
+        if start_epoch >= self.cfg.epochs:
+            result.loss_curve = existing(self.run_dir / LOSS_PLOT_NAME)
             return result
-        monitor = _Monitor(self) if cfg.monitor_every > 0 else None
-        bar = None
-        if self.progress and env.is_main:
-            from tqdm.auto import tqdm
+        result.metrics = self._train(start_epoch, metrics)
+        if self.env.is_main:
+            result.loss_curve = existing(self.run_dir / LOSS_PLOT_NAME)
+        D.barrier(self.env)
+        return result
 
-            bar = tqdm(total=cfg.epochs * self.steps_per_epoch,
-                       initial=start_epoch * self.steps_per_epoch, unit="step",
-                       desc=f"pretrain {run_dir.name}", leave=False)
-        last_good = start_epoch
+    def _open_run(self) -> tuple[int, list[dict[str, Any]]]:
+        """Resume the run folder's checkpoint (checked against this config) or start it."""
+        if not self.resuming:
+            if self.env.is_main:
+                make_run_dir(self.run_dir)
+                save_config(self.cfg, self.run_dir / "config.json",
+                            {"data_sha256": self.data_sha256})
+            return 0, []
+        ckpt = self.checkpoint
+        state = read_checkpoint(ckpt, map_location=self.device)
+        check_resumable(self.cfg, state, ckpt, self.data_sha256)
+        start_epoch = self.load_state(state, ckpt)
+        metrics = checkpoint_metrics(state, ckpt, self.run_dir / METRICS_NAME)
+        if self.env.is_main:
+            reconcile_outputs(self.run_dir, metrics, plot=start_epoch >= self.cfg.epochs)
+        return start_epoch, metrics
+
+    def _train(self, start_epoch: int, metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Epochs ``start_epoch`` .. end, a checkpoint after each; callbacks around them."""
+        cfg, env = self.cfg, self.env
         try:
+            self._emit("on_train_start", start_epoch)
             with torch.random.fork_rng(devices=_cuda_devices(self.device)):
                 for epoch in range(start_epoch, cfg.epochs):
-                    row = self.run_epoch(epoch, bar)
-                    if not math.isfinite(row["loss"]):
-                        kept = f"epoch {last_good} checkpoint kept at {ckpt}" if last_good else \
-                            "no checkpoint was written"
-                        raise CredannoError(
-                            f"loss became {row['loss']} in epoch {epoch + 1}; training stopped "
-                            f"({kept}); lower --lr or raise the teacher temperature warm-up")
-                    if monitor is not None and ((epoch + 1) % cfg.monitor_every == 0
-                                                or epoch + 1 == cfg.epochs):
-                        row.update(monitor())
+                    row = self.run_epoch(epoch)
+                    self._check_finite(row, epoch)
+                    for callback in self.callbacks:
+                        row.update(callback.on_epoch_end(self, epoch, row))
                     metrics.append(row)
                     if env.is_main:
-                        save_checkpoint(ckpt, self.state_dict(epoch + 1, metrics))
-                        _write_metrics(run_dir / "metrics.jsonl", metrics)
-                    last_good = epoch + 1
+                        save_checkpoint(self.checkpoint, self.state_dict(epoch + 1, metrics))
+                    self._emit("on_checkpoint", metrics)
                     D.barrier(env)
+            self._emit("on_train_end", metrics)
         except torch.OutOfMemoryError:
             raise CredannoError(
                 f"GPU out of memory at batch size {cfg.batch_size}; pass --batch-size "
                 f"{max(2, cfg.batch_size // 2)} (the lr scales with it)") from None
         finally:
-            if bar is not None:
-                bar.close()
-        if env.is_main:
-            result.loss_curve = plot_loss_curve(metrics, run_dir / "loss.png")
-        D.barrier(env)
-        result.metrics = metrics
-        return result
+            for callback in self.callbacks:
+                callback.close()
+        return metrics
 
+    def _check_finite(self, row: dict[str, Any], epoch: int) -> None:
+        """A NaN/Inf loss stops the run before its checkpoint replaces the last good one."""
+        if math.isfinite(row["loss"]):
+            return
+        kept = (f"epoch {epoch} checkpoint kept at {self.checkpoint}" if epoch else
+                "no checkpoint was written")
+        raise CredannoError(
+            f"loss became {row['loss']} in epoch {epoch + 1}; training stopped "
+            f"({kept}); lower --lr or raise the teacher temperature warm-up")
 
-class _Monitor:
-    """k-NN malignancy accuracy of the teacher's CLS features (DINO's k-NN monitor).
-
-    The queries are a nodule-level hold-out of the *training* split (never the test split);
-    the bank is the remaining training images.
-    """
-
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-        cfg = trainer.cfg
-        table = trainer.table
-        labels = table["malignancy"].to_numpy()
-        nodules = np.unique(table["nodule_id"].to_numpy())
-        rng = np.random.default_rng(cfg.seed)
-        held = rng.permutation(nodules)[:max(1, int(round(cfg.monitor_val_frac * len(nodules))))]
-        is_val = np.isin(table["nodule_id"].to_numpy(), held)
-        valid = labels >= 0
-        self.bank = np.flatnonzero(~is_val & valid)
-        self.queries = np.flatnonzero(is_val & valid)
-        self.labels = labels
-        if len(self.bank) == 0 or len(self.queries) == 0:
-            raise CredannoError("too few labelled training images for the k-NN monitor; "
-                                "drop --monitor-every")
-
-    @torch.no_grad()
-    def features(self) -> np.ndarray:
-        t = self.trainer
-        out = []
-        for start in range(0, t.n, 256):
-            x = t.eval_transform(t.images[start:start + 256])
-            f = t.teacher.backbone(x).float()
-            out.append(torch.nn.functional.normalize(f, dim=-1).cpu())
-        return torch.cat(out).numpy()
-
-    def __call__(self) -> dict[str, float]:
-        try:
-            from credanno.eval.knn import knn_classify
-        except ImportError:
-            raise CredannoError("the k-NN monitor needs credanno.eval.knn, which is not "
-                                "installed in this version; drop --monitor-every") from None
-        feats = self.features()
-        k = int(min(self.trainer.cfg.monitor_k, len(self.bank)))
-        preds = knn_classify(feats[self.bank], self.labels[self.bank], feats[self.queries],
-                             ks=[k], n_classes=2)
-        acc = float(np.mean(np.asarray(preds[k]) == self.labels[self.queries]))
-        return {"knn_k": k, "knn_malignancy_acc": acc}
+    def _emit(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
 
 
 def _cuda_devices(device: torch.device) -> list[int]:
     return [device.index or 0] if device.type == "cuda" else []
-
-
-def _existing(path: Path) -> Path | None:
-    return path if path.exists() else None
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]] | None:
-    """metrics.jsonl's rows; None when it is missing or unreadable (it is then rewritten)."""
-    try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        return None
-    return rows if all(isinstance(r, dict) for r in rows) else None
-
-
-def _checkpoint_metrics(state: dict[str, Any], ckpt: Path,
-                        fallback: Path) -> list[dict[str, Any]]:
-    """The per-epoch rows of a checkpoint (older checkpoints: metrics.jsonl's first rows)."""
-    epoch = state["epoch"]
-    if "metrics" not in state:
-        return (_read_metrics(fallback) or [])[:epoch]
-    rows = state["metrics"]
-    if not isinstance(rows, list) or len(rows) != epoch or not all(
-            isinstance(r, dict) and r.get("epoch") == i + 1 and isinstance(r.get("loss"), float)
-            for i, r in enumerate(rows)):
-        raise bad_field(ckpt, "metrics", f"is not one row per epoch for its {epoch} epochs")
-    return [dict(r) for r in rows]
-
-
-def _reconcile_outputs(run_dir: Path, metrics: list[dict[str, Any]], plot: bool) -> None:
-    """Rewrite metrics.jsonl (and loss.png when ``plot``) where a kill left them behind the
-    checkpoint: both are written after it."""
-    if _read_metrics(run_dir / "metrics.jsonl") != metrics:
-        _write_metrics(run_dir / "metrics.jsonl", metrics)
-    if plot and metrics and not (run_dir / "loss.png").exists():
-        plot_loss_curve(metrics, run_dir / "loss.png")
-
-
-def _write_metrics(path: Path, metrics: list[dict[str, Any]]) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text("".join(json.dumps(m) + "\n" for m in metrics))
-
-
-def plot_loss_curve(metrics: list[dict[str, Any]], path: Path) -> Path | None:
-    """DINO loss per epoch (matplotlib Agg), written atomically."""
-    if not metrics:
-        return None
-    from matplotlib.figure import Figure  # no pyplot: no global backend state
-
-    fig = Figure(figsize=(5, 3.2))
-    ax = fig.add_subplot()
-    ax.plot([m["epoch"] for m in metrics], [m["loss"] for m in metrics], marker=".")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("DINO loss")
-    ax.set_title(path.parent.name, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    return path
 
 
 def pretrain(config: PretrainConfig, progress: bool = False) -> RunResult:
