@@ -6,13 +6,16 @@ import argparse
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from credanno.data.patchfile import write_patch_file
 from credanno.errors import CredannoError
+from credanno.pretrain import distributed as D
 from credanno.pretrain import load_config, pretrain
 from credanno.pretrain import train as train_mod
+from credanno.pretrain.callbacks import Callback
 from credanno.pretrain.checkpoint import latest_run, load_backbone, read_checkpoint
 from credanno.synthetic import synthetic_images, synthetic_table
 
@@ -71,8 +74,12 @@ def test_run_writes_the_checkpoint_contract(small_patch_file, tmp_path):
     assert rinfo.which == "random"
     assert not torch.equal(random.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
     assert not torch.equal(student.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
-    # the prototype layer is frozen in epoch 1 and the teacher moved with the student
-    assert result.metrics[0]["momentum"] < result.metrics[1]["momentum"] <= 1.0
+    # the teacher followed the student (EMA) away from their common initial weights
+    init = train_mod.Trainer(tiny_config(small_patch_file, tmp_path / "init"), D.DistEnv())
+    assert torch.equal(init.teacher.backbone.blocks[0].attn.qkv.weight,
+                       init.student.backbone.blocks[0].attn.qkv.weight)
+    assert not torch.equal(model.blocks[0].attn.qkv.weight,
+                           init.teacher.backbone.blocks[0].attn.qkv.weight)
 
 
 def test_resume_after_kill_equals_uninterrupted_run(small_patch_file, tmp_path, monkeypatch):
@@ -89,6 +96,10 @@ def test_resume_after_kill_equals_uninterrupted_run(small_patch_file, tmp_path, 
         pretrain(tiny_config(small_patch_file, tmp_path / "resumed"))
     assert read_checkpoint(tmp_path / "resumed")["epoch"] == 1
     monkeypatch.setattr(train_mod.Trainer, "run_epoch", original)
+    # no generator state is saved or needed: scrambling the process's own changes nothing
+    torch.manual_seed(12345)
+    np.random.seed(12345)
+    torch.rand(7)
     resumed = pretrain(tiny_config(small_patch_file, tmp_path / "resumed"))
     assert resumed.resumed_from == 1 and [m["epoch"] for m in resumed.metrics] == [1, 2]
     a, state_a = _all_weights(full.run_dir)
@@ -178,12 +189,89 @@ def test_bad_inputs_are_one_line_errors(small_patch_file, tmp_path, monkeypatch)
         pretrain(tiny_config(small_patch_file, tmp_path / "oom"))
 
 
-def test_monitor_reports_knn_on_training_holdout(small_patch_file, tmp_path):
+def _shuffled_labels_file(folder):
+    """A patch file whose malignancy labels are random: k-NN accuracy is then far from 1."""
+    table = synthetic_table(n_nodules=12, per_nodule=3, seed=1)
+    images = synthetic_images(table)
+    table["malignancy"] = np.random.default_rng(0).permutation(table["malignancy"].to_numpy())
+    path = folder / "shuffled.h5"
+    write_patch_file(path, images, table, {"source": "synthetic"})
+    return path
+
+
+def test_monitor_reports_knn_on_training_holdout(tmp_path):
     pytest.importorskip("credanno.eval.knn")
-    result = pretrain(tiny_config(small_patch_file, tmp_path / "mon", monitor_every=1,
+    from credanno.eval.knn import knn_classify
+    from credanno.pretrain.monitor import KnnMonitor, holdout_split
+
+    data = _shuffled_labels_file(tmp_path)
+    result = pretrain(tiny_config(data, tmp_path / "mon", epochs=3, monitor_every=2,
                                   monitor_k=5))
-    accs = [m["knn_malignancy_acc"] for m in result.metrics]
-    assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
+    # every monitor_every epochs, and after the last one
+    assert ["knn_malignancy_acc" in m for m in result.metrics] == [False, True, True]
+    # queries: the labelled images of held-out training nodules; bank: the other labelled ones
+    images, table = train_mod.load_train_images(str(data))
+    labels, nodules = table["malignancy"].to_numpy(), table["nodule_id"].to_numpy()
+    bank, queries = holdout_split(nodules, labels, 0.2, seed=0)
+    assert len(bank) and len(queries) and not set(nodules[bank]) & set(nodules[queries])
+    assert sorted([*bank, *queries]) == np.flatnonzero(labels >= 0).tolist()
+    # the reported accuracy is k-NN on the final teacher's features, recomputed here
+    model, info = load_backbone(result.run_dir, which="teacher")
+    with torch.no_grad():
+        feats = model(info.eval_transform(torch.from_numpy(images)))
+    feats = torch.nn.functional.normalize(feats.float(), dim=-1).numpy()
+    preds = np.asarray(knn_classify(feats[bank], labels[bank], feats[queries], ks=[5],
+                                    n_classes=2)[5])
+    last = result.metrics[-1]
+    assert last["knn_k"] == 5
+    assert last["knn_malignancy_acc"] == pytest.approx(np.mean(preds == labels[queries]),
+                                                       abs=1e-12)
+    # a k above the bank size is clamped to it, and the row says so
+    trainer = train_mod.Trainer(tiny_config(data, tmp_path / "k", monitor_k=1000), D.DistEnv())
+    monitor = KnnMonitor()
+    monitor.on_train_start(trainer, 0)
+    assert monitor.measure(trainer)["knn_k"] == len(monitor.bank) < 1000
+
+
+class _Snapshots(Callback):
+    """Copies of the student's prototype (last) layer and of its other weights, at the start
+    and after every epoch."""
+
+    def __init__(self):
+        self.last, self.rest = [], []
+
+    def _take(self, trainer):
+        last_ids = {id(p) for p in trainer.last_layer_params}
+        self.last.append([p.detach().clone() for p in trainer.last_layer_params])
+        self.rest.append([p.detach().clone() for p in trainer.student_params
+                          if id(p) not in last_ids])
+
+    def on_train_start(self, trainer, start_epoch):
+        self._take(trainer)
+
+    def on_epoch_end(self, trainer, epoch, row):
+        self._take(trainer)
+        return {}
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("freeze", [1, 0])
+def test_freeze_last_layer_really_freezes_the_prototypes(small_patch_file, tmp_path, freeze):
+    """DINO's freeze_last_layer: no update of the prototype layer in the first epoch(s);
+    the other weights train, and the prototypes move once released."""
+    cfg = tiny_config(small_patch_file, tmp_path / "run", freeze_last_layer=freeze)
+    spy = _Snapshots()
+    trainer = train_mod.Trainer(cfg, D.DistEnv(),
+                                callbacks=[*train_mod.default_callbacks(cfg), spy])
+    trainer.run()
+    (init, after1, after2), rest = spy.last, spy.rest
+    assert trainer.last_layer_params and not _same(rest[0], rest[1])   # epoch 1 trained
+    assert _same(init, after1) == bool(freeze)
+    assert not _same(after1, after2)                                  # epoch 2 moves them
+    assert (tmp_path / "run" / "metrics.jsonl").exists()              # defaults still ran
 
 
 def test_cli_pretrain(small_patch_file, tmp_path, capsys):
