@@ -9,7 +9,8 @@
 - ``teacher_backbone`` / ``student_backbone``: plain encoder state dicts (no DDP prefix);
 - ``eval_transform``: :meth:`credanno.transforms.EvalTransform.to_dict` of the encoder's input;
 - training state: ``teacher_head``, ``student_head``, ``optimizer``, ``centre``, ``scaler``,
-  ``rng`` (everything a bit-exact resume needs).
+  ``metrics``, ``data_sha256``. No generator state: all randomness is counter-based
+  (:mod:`.rng`), so these are everything a bit-exact resume needs.
 
 Only tensors and plain Python values are stored, so the file loads with
 ``torch.load(weights_only=True)``.
