@@ -80,7 +80,7 @@ class EvalResult:
         """The Fig. 2 distribution (probability of n attributes correct), in percent."""
         return format_fig2(self.n_correct_attributes)
 
-    def write_csv(self, path: str | Path) -> Path:
+    def write_csv(self, path: str | Path, *, option: str = "--csv") -> Path:
         """Per-seed records as CSV (``ci95`` split into ``ci95_lo`` and ``ci95_hi``)."""
         df = self.results.copy()
         ci = np.array([c if c is not None else (np.nan, np.nan) for c in df["ci95"]],
@@ -88,17 +88,17 @@ class EvalResult:
         df = df.drop(columns="ci95")
         df.insert(list(RESULT_COLUMNS).index("ci95"), "ci95_lo", ci[:, 0])
         df.insert(list(RESULT_COLUMNS).index("ci95") + 1, "ci95_hi", ci[:, 1])
-        return _write(path, lambda p: df.to_csv(p, index=False))
+        return _write(path, lambda p: df.to_csv(p, index=False), option)
 
-    def write_predictions(self, path: str | Path) -> Path:
+    def write_predictions(self, path: str | Path, *, option: str = "--predictions") -> Path:
         """Per-test-image predictions, probabilities and ground truth as CSV."""
         df = self.predictions
-        return _write(path, lambda p: df.to_csv(p, index=False, float_format="%.6g"))
+        return _write(path, lambda p: df.to_csv(p, index=False, float_format="%.6g"), option)
 
 
-def _write(path: str | Path, writer) -> Path:
+def _write(path: str | Path, writer, option: str = "--out") -> Path:
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, option=option) as tmp:
         writer(tmp)
     return path
 
