@@ -45,6 +45,7 @@ SELECTIONS: tuple[str, ...] = ("last", "val")
 #: the largest learning rate accepted: far above any that trains (the paper's is 5e-4);
 #: beyond it the heads diverge and the accuracies are noise
 MAX_LR = 10.0
+PAPER_BATCH = 128
 
 
 def check_lr(lr: float) -> float:
@@ -54,11 +55,12 @@ def check_lr(lr: float) -> float:
 
 def _clamp_batch(batch_size: int, n_rows: int) -> int:
     """A batch larger than the data only allocates padding (10**8 rows: 400 GB): use
-    the data's size instead, with a warning."""
+    the data's size instead, with a warning unless it is the paper's 128 on a small set."""
     batch_size = checks.count(batch_size, "--batch-size")
     if batch_size > n_rows > 0:
-        warnings.warn(f"--batch-size {batch_size} is larger than the {n_rows} training rows; "
-                      f"using {n_rows}", CredannoWarning, stacklevel=3)
+        if batch_size > PAPER_BATCH:
+            warnings.warn(f"--batch-size {batch_size} is larger than the {n_rows} training "
+                          f"rows; using {n_rows}", CredannoWarning, stacklevel=3)
         return n_rows
     return batch_size
 
