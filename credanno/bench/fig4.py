@@ -147,16 +147,16 @@ def check_patch_file(patch: Path, provenance: dict[str, Any], store: Path,
                             f"{store.name} or leave --data out")
     recorded = _recorded_sha256(provenance)
     if recorded:
-        same = file_sha256(patch) == recorded
+        same, why = file_sha256(patch) == recorded, "its sha256 differs from the store's record"
     else:
         table = read_patch_file(patch, images=False).table
         same = len(table) == len(store_table) and all(
             np.array_equal(table[c].to_numpy(), store_table[c].to_numpy())
             for c in ("annotation_id", "split"))
+        why = "its images or splits differ from the store's"
     if not same:
         raise CredannoError(f"--data {patch} is not the patch file store {store.name} was "
-                            "embedded from (its provenance differs); pass that patch file or "
-                            "leave --data out")
+                            f"embedded from ({why}); pass that patch file or leave --data out")
 
 
 def run_fig4(store: str | os.PathLike | None = None, fracs: Sequence[float] = FIG4_FRACS,
