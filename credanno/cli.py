@@ -108,9 +108,12 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(rc)
     except click.exceptions.Abort:
         _fail("interrupted; nothing partial was left behind", 130)
+    except click.UsageError as exc:
+        # click prints usage + blank line + "Error: ..."; we keep to one line
+        where = exc.ctx.command_path if exc.ctx is not None else "credanno"
+        _fail(f"{exc.format_message()} (see '{where} --help')", 2)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        _fail(exc.format_message(), exc.exit_code or 2)
     except KeyboardInterrupt:
         _fail("interrupted; nothing partial was left behind", 130)
     except CredannoError as exc:

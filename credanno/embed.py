@@ -213,6 +213,15 @@ def embed(data: str | os.PathLike = DEFAULT_PATCH_FILE,
     data = Path(data)
     patches = read_patch_file(data)
     images, table = patches.images, patches.table
+    if int(batch_size) > len(table) > 0:  # a batch beyond the data only allocates padding
+        if int(batch_size) > 256:  # not the default on a small file
+            import warnings
+
+            from credanno.errors import CredannoWarning
+
+            warnings.warn(f"--batch-size {batch_size} is larger than the {len(table)} images; "
+                          f"using {len(table)}", CredannoWarning, stacklevel=2)
+        batch_size = len(table)
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise CredannoError(f"{data} holds images of shape {images.shape[1:]}; embed needs "
                             "square patches")

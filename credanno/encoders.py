@@ -213,6 +213,36 @@ def checkpoint_encoder(arg: str, *, weights=None, which: str = "teacher", image_
     return Encoder(name, feature_sets_for(model, input_size), info.eval_transform, prov)
 
 
+#: timm.create_model options that are sizes or counts: positive whole numbers (or tuples)
+SIZE_OPTIONS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "in_chans")
+
+
+def check_encoder_options(kwargs: dict[str, Any]) -> None:
+    """One-line errors for options timm would crash on (``patch_size=0`` divides by zero)."""
+    import math
+
+    for key, value in kwargs.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if key in SIZE_OPTIONS and not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise CredannoError(f"--encoder-option {key}={value!r}: must be a positive whole "
+                                f"number, e.g. --encoder-option {key}=16")
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise CredannoError(f"--encoder-option {key}={value!r}: must be a finite number")
+
+
+def _check_builds(model: nn.Module, arch: str, kwargs: dict[str, Any], input_size: int) -> None:
+    """Run one blank image through the model, so that option combinations timm accepts but
+    cannot run (a patch larger than the image) fail here, before a store is started."""
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, input_size, input_size))
+    except (RuntimeError, ValueError, ZeroDivisionError, AssertionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CredannoError(f"timm:{arch} cannot run with --encoder-option settings {kwargs} "
+                            f"({first}); change them") from None
+
+
 @register_encoder("timm")
 def timm_encoder(arg: str, *, weights=None, which: str = "teacher", image_size: int = 32,
                  kwargs: dict[str, Any]) -> Encoder:
@@ -223,9 +253,14 @@ def timm_encoder(arg: str, *, weights=None, which: str = "teacher", image_size: 
     if not arg:
         raise CredannoError("--encoder timm needs an architecture: timm:ARCH, e.g. "
                             "timm:vit_small_patch16_224")
+    check_encoder_options(kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = create_backbone(arg, kwargs)
+        try:
+            model = create_backbone(arg, kwargs)
+        except (RuntimeError, ValueError, ZeroDivisionError, AssertionError) as exc:
+            raise CredannoError(f"timm:{arg} cannot be built with --encoder-option settings "
+                                f"{kwargs} ({exc}); change them") from None
     prov: dict[str, Any] = {"kind": "timm", "arch": arg, "kwargs": kwargs, "init_seed": 0,
                             "which": "random", "weights": None, "weights_sha256": None,
                             "sha256": None}
@@ -240,6 +275,8 @@ def timm_encoder(arg: str, *, weights=None, which: str = "teacher", image_size: 
         name += "-random"
     model.eval()
     input_size = model_input_size(model)
+    if kwargs:
+        _check_builds(model, arg, kwargs, input_size)
     prov["name"] = name
     return Encoder(name, feature_sets_for(model, input_size),
                    input_transform(input_size, image_size), prov)

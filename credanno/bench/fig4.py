@@ -82,6 +82,15 @@ class Fig4Result:
         return write_csv(self.raw, path, option=option, index=False)
 
 
+def _fracs(fracs: Sequence[float], option: str) -> list[float]:
+    from credanno import checks
+
+    out = [checks.finite(f, option, low=0, high=1, example="0.1") for f in fracs]
+    if not out:
+        raise CredannoError(f"{option} is empty; pass e.g. {option} 0.1,1")
+    return out
+
+
 def _malignancy_rows(results: pd.DataFrame, series: str) -> pd.DataFrame:
     r = results[results["label"] == "malignancy"]
     return pd.DataFrame({"series": series, "frac": r["frac"].astype(float).to_numpy(),
@@ -119,6 +128,38 @@ def cnn_subset_accuracy(patch_file: str | os.PathLike, fracs: Sequence[float],
     return pd.DataFrame(recs)
 
 
+def _recorded_sha256(provenance: dict[str, Any]) -> str | None:
+    pf = provenance.get("patch_file")
+    return pf.get("sha256") if isinstance(pf, dict) else None
+
+
+def check_patch_file(patch: Path, provenance: dict[str, Any], store: Path,
+                     store_table: pd.DataFrame) -> None:
+    """``patch`` must be the patch file ``store`` was embedded from: the CNN trains on the
+    same label subsets by row, so another file would compare different images.
+
+    The sha256 the store's provenance records decides when there is one; otherwise the
+    images' ids and splits must match the store's table.
+    """
+    from credanno.data.patchfile import file_sha256, read_patch_file
+
+    if not patch.is_file():
+        raise CredannoError(f"--data {patch} not found; pass the patch file of store "
+                            f"{store.name} or leave --data out")
+    recorded = _recorded_sha256(provenance)
+    if recorded:
+        same, why = file_sha256(patch) == recorded, "its sha256 differs from the store's record"
+    else:
+        table = read_patch_file(patch, images=False).table
+        same = len(table) == len(store_table) and all(
+            np.array_equal(table[c].to_numpy(), store_table[c].to_numpy())
+            for c in ("annotation_id", "split"))
+        why = "its images or splits differ from the store's"
+    if not same:
+        raise CredannoError(f"--data {patch} is not the patch file store {store.name} was "
+                            f"embedded from ({why}); pass that patch file or leave --data out")
+
+
 def run_fig4(store: str | os.PathLike | None = None, fracs: Sequence[float] = FIG4_FRACS,
              seeds: Sequence[int] = (0, 1, 2), k: int = 50, probe_epochs: int = 100,
              cnn: dict[str, Any] | None = None, with_cnn: bool = True,
@@ -132,15 +173,25 @@ def run_fig4(store: str | os.PathLike | None = None, fracs: Sequence[float] = FI
     costs minutes per point on a CPU where the two-stage methods cost seconds);
     ``data``: the patch file for the CNN (default: the one the store's provenance names).
     """
-    from credanno import stores
+    from credanno import checks, stores
+    from credanno.bench.supervised import EndToEndClassifier
+    from credanno.devices import resolve_device
     from credanno.eval import knn_sweep, probe_sweep
     from credanno.viz.tsne import resolve_store
 
+    # every setting is checked before the k-NN and probes run, so none of their work is lost
+    resolve_device(device)
+    seeds = checks.seeds(seeds)
+    fracs = sorted(_fracs(fracs, "--fracs"))
+    cnn_fracs = None if cnn_fracs is None else _fracs(cnn_fracs, "--cnn-fracs")
+    k, probe_epochs = checks.count(k, "--k"), checks.count(probe_epochs, "--probe-epochs")
+    if with_cnn:
+        resolve_device(EndToEndClassifier(**(cnn or {})).device)
     path = resolve_store(store)
-    seeds = [int(s) for s in seeds]
-    fracs = sorted(float(f) for f in fracs)
     with stores.open(path) as s:
         prov = dict(s.provenance)
+        if with_cnn and data is not None:
+            check_patch_file(Path(data), prov, path, s.table())
         probe_kind = "last4" if "last4" in s.feature_sets else s.feature_sets[0]
         knn_kind = "cls" if "cls" in s.feature_sets else s.feature_sets[0]
         n_train = len(s.rows("train"))

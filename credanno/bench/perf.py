@@ -54,6 +54,9 @@ def discover(bench_dir: str | os.PathLike | None = None,
         raise CredannoError(f"benchmark folder {root} not found; run from the repository "
                             "root or pass --dir")
     scripts = sorted(p for p in root.glob("*.py") if not p.name.startswith("_"))
+    if not scripts:  # an empty table would read as "all benchmarks passed"
+        raise CredannoError(f"no benchmark scripts (*.py) in {root}; pass --dir with the "
+                            "repository's benchmarks/ folder")
     if only:
         unknown = sorted(set(only) - {p.stem for p in scripts})
         if unknown:
@@ -97,7 +100,8 @@ def run_perf(bench_dir: str | os.PathLike | None = None, quick: bool = False,
              only: Sequence[str] | None = None) -> pd.DataFrame:
     """Run every benchmark script's ``run(quick)``; one row per reported metric."""
     rows: list[dict] = []
-    for path in discover(bench_dir, only):
+    scripts = discover(bench_dir, only)
+    for path in scripts:
         t0 = time.perf_counter()
         try:
             module = _load(path)
@@ -119,6 +123,9 @@ def run_perf(bench_dir: str | os.PathLike | None = None, quick: bool = False,
         for r in rows:
             if r["script"] == path.stem and r["seconds"] is None:
                 r["seconds"] = round(elapsed, 1)
+    if not rows:
+        raise CredannoError(f"none of {', '.join(p.name for p in scripts)} defines "
+                            "run(quick); see docs/architecture.md for the convention")
     return pd.DataFrame(rows, columns=["script", *COLUMNS, "seconds", "error"])
 
 

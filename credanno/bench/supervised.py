@@ -17,8 +17,14 @@ from typing import Any
 
 import numpy as np
 
+from credanno import checks
+from credanno.devices import check_device
 from credanno.errors import CredannoError
 from credanno.transforms import EvalTransform
+
+#: input sizes of the end-to-end baseline: below 8 px nothing is left to learn; the whole
+#: training set is resized at once, so 512 px (6 GB for the phantom) is the ceiling.
+CNN_MIN_SIZE, CNN_MAX_SIZE = 8, 512
 
 
 def _augment(x, generator):
@@ -82,6 +88,16 @@ class EndToEndClassifier:
     weights: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     n_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        # checked here, not in fit(), so that a bad setting fails before any other work
+        self.epochs = checks.count(self.epochs, "--cnn-epochs")
+        self.image_size = checks.count(self.image_size, "--cnn-size", low=CNN_MIN_SIZE,
+                                       high=CNN_MAX_SIZE)
+        self.batch_size = checks.count(self.batch_size, "batch_size")
+        self.lr = checks.finite(self.lr, "lr", low=0)
+        self.seed = checks.seed(self.seed)
+        self.device = check_device(self.device) or "cpu"
 
     def _model(self, n_classes: int):
         import timm

@@ -170,12 +170,16 @@ def run_table1(store: str | os.PathLike | None = None, seeds: Sequence[int] = (0
                device: str = "cpu", method_name: str = "credanno (this run)",
                progress: bool = False) -> Table1Result:
     """Run the paper's Table 1 configurations on a store over ``seeds``."""
-    from credanno import stores
+    from credanno import checks, stores
+    from credanno.devices import resolve_device
     from credanno.eval import knn_sweep, probe_sweep
     from credanno.viz.tsne import resolve_store
 
+    # checked before the k-NN runs, so that a bad probe setting does not waste it
+    resolve_device(device)
+    checks.count(probe_epochs, "--probe-epochs")
+    seeds = tuple(checks.seeds(seeds))
     path = resolve_store(store)
-    seeds = tuple(int(s) for s in seeds)
     with stores.open(path) as s:
         data = describe_source(s.provenance, path)
         table = s.table()

@@ -125,10 +125,21 @@ def run_table2(data: str | os.PathLike, out: str | os.PathLike, seeds: Sequence[
     on the ``paper`` preset and ResNet-18 otherwise. ``vit_run``: reuse a finished
     pretraining run (checkpoint) for the ViT two-stage row without init.
     """
+    from credanno import checks
+    from credanno.bench.supervised import EndToEndClassifier
     from credanno.data.patchfile import read_patch_file
+    from credanno.devices import resolve_device
     from credanno.pretrain import load_config
     from credanno.viz.source import describe_source
 
+    # every row catches CredannoError as "not run": settings are checked before any row
+    if device is not None:
+        resolve_device(device)
+    seeds = checks.seeds(seeds)
+    checks.count(probe_epochs, "--probe-epochs")
+    if (pretrain_overrides or {}).get("epochs") is not None:
+        checks.count(pretrain_overrides["epochs"], "--epochs")
+    resolve_device(EndToEndClassifier(**(cnn or {})).device)  # and --cnn-epochs
     data, out = Path(data), Path(out)
     attrs = read_patch_file(data, images=False).attrs
     cfg = load_config(preset=preset)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from credanno.commands._types import POSITIVE
+
 PATH = click.Path(dir_okay=False, path_type=Path)
 
 
@@ -35,7 +37,7 @@ def subset_options(f: Callable) -> Callable:
     return _apply(f, [
         click.option("--frac", "fracs", default="1", show_default=True,
                      help="Label fractions of the training images, comma-separated, in (0, 1]."),
-        click.option("--n-labels", type=int, default=None,
+        click.option("--n-labels", type=POSITIVE, default=None,
                      help="Label this many training images instead of a fraction."),
         click.option("--subset", type=click.Choice(["annotation", "nodule"]),
                      default="annotation", show_default=True,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from credanno.bench.supervised import CNN_MAX_SIZE, CNN_MIN_SIZE
+from credanno.commands._types import DEVICE, POSITIVE, Count
 from credanno.errors import CredannoError
 from credanno.eval.options import parse_seeds
 
@@ -13,18 +15,19 @@ _STORE = click.option("--store", type=click.Path(dir_okay=False, path_type=Path)
                       help="Feature store (default: the newest under stores/).")
 _SEEDS = click.option("--seeds", default="3", show_default=True,
                       help="Number of seeds N (seeds 0..N-1), a range 0-4, or a list 0,3,7.")
-_DEVICE = click.option("--device", default="cpu", show_default=True,
+_DEVICE = click.option("--device", type=DEVICE, default="cpu", show_default=True,
                        help="Device for the trained predictors and the CNN baseline.")
 
 
 
-def parse_fracs(text: str) -> list[float]:
+def parse_fracs(text: str, option: str = "--fracs") -> list[float]:
     try:
         fracs = [float(f) for f in text.split(",") if f.strip()]
     except ValueError:
-        raise CredannoError(f"--fracs {text!r} is not understood; pass e.g. 0.01,0.1,1") from None
-    if not fracs or not all(0 < f <= 1 for f in fracs):
-        raise CredannoError(f"--fracs {text!r}: each fraction must be in (0, 1]")
+        raise CredannoError(f"{option} {text!r} is not understood; pass e.g. 0.01,0.1,1"
+                            ) from None
+    if not fracs or not all(0 < f <= 1 for f in fracs):  # NaN fails the comparison too
+        raise CredannoError(f"{option} {text!r}: each fraction must be in (0, 1]")
     return fracs
 
 
@@ -47,7 +50,7 @@ def bench() -> None:
 @bench.command("table1", short_help="Table 1: ours, the majority baseline and the paper's rows.")
 @_STORE
 @_SEEDS
-@click.option("--probe-epochs", type=int, default=100, show_default=True)
+@click.option("--probe-epochs", type=POSITIVE, default=100, show_default=True)
 @_DEVICE
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the table (long format, fractions) as CSV.")
@@ -70,7 +73,7 @@ def table1(store: Path | None, seeds: str, probe_epochs: int, device: str,
 @bench.command("fig2", short_help="Fig. 2: number of correctly predicted attributes.")
 @_STORE
 @_SEEDS
-@click.option("--probe-epochs", type=int, default=100, show_default=True)
+@click.option("--probe-epochs", type=POSITIVE, default=100, show_default=True)
 @_DEVICE
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("results/fig2.png"), show_default=True)
@@ -93,17 +96,17 @@ def fig2(store: Path | None, seeds: str, probe_epochs: int, device: str, out: Pa
 @_STORE
 @_SEEDS
 @click.option("--fracs", default="0.01,0.02,0.05,0.1,0.2,0.5,1", show_default=True)
-@click.option("--k", type=int, default=50, show_default=True)
-@click.option("--probe-epochs", type=int, default=100, show_default=True)
+@click.option("--k", type=POSITIVE, default=50, show_default=True)
+@click.option("--probe-epochs", type=POSITIVE, default=100, show_default=True)
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Patch file for the CNN baseline (default: the store's own).")
 @click.option("--no-cnn", is_flag=True, help="Leave out the end-to-end CNN baseline.")
 @click.option("--cnn-arch", default="resnet18", show_default=True,
               help="timm architecture of the end-to-end baseline (paper: resnet50).")
-@click.option("--cnn-epochs", type=int, default=30, show_default=True)
+@click.option("--cnn-epochs", type=POSITIVE, default=30, show_default=True)
 @click.option("--cnn-fracs", default=None,
               help="Fractions the CNN trains on (default: all of --fracs).")
-@click.option("--cnn-size", type=int, default=32, show_default=True,
+@click.option("--cnn-size", type=Count(CNN_MIN_SIZE, CNN_MAX_SIZE), default=32, show_default=True,
               help="Input size of the CNN baseline (paper: 224).")
 @_DEVICE
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
@@ -120,7 +123,7 @@ def fig4(store: Path | None, seeds: str, fracs: str, k: int, probe_epochs: int,
     f4 = run_fig4(store, fracs=parse_fracs(fracs), seeds=parse_seeds(seeds), k=k,
                   probe_epochs=probe_epochs, cnn=cnn, with_cnn=not no_cnn, data=data,
                   device=device, progress=True,
-                  cnn_fracs=parse_fracs(cnn_fracs) if cnn_fracs else None,
+                  cnn_fracs=parse_fracs(cnn_fracs, "--cnn-fracs") if cnn_fracs else None,
                   on_config=lambda line: click.echo(line, err=True))
     click.echo(f"Data: {f4.data.text}. Store: {f4.store}.\n")
     click.echo("Fig. 4: malignancy accuracy (%), mean ± sd over seeds\n")
@@ -136,15 +139,16 @@ def fig4(store: Path | None, seeds: str, fracs: str, k: int, probe_epochs: int,
 @click.option("--seeds", default="1", show_default=True)
 @click.option("--preset", default=None, help="Pretraining preset (default: paper on a GPU, "
               "cpu-tiny otherwise).")
-@click.option("--epochs", type=int, default=None, help="Override the pretraining epochs.")
+@click.option("--epochs", type=POSITIVE, default=None, help="Override the pretraining epochs.")
 @click.option("--init-resnet", type=click.Path(dir_okay=False), default=None,
               help="Local ImageNet weights for the ResNet.")
 @click.option("--init-vit", type=click.Path(dir_okay=False), default=None,
               help="Local ImageNet (DINO) weights for the ViT.")
 @click.option("--vit-run", type=click.Path(path_type=Path), default=None,
               help="Reuse a finished pretraining run for the ViT two-stage row.")
-@click.option("--cnn-epochs", type=int, default=30, show_default=True)
-@click.option("--device", default=None, help="cpu or cuda (default: cuda if available).")
+@click.option("--cnn-epochs", type=POSITIVE, default=30, show_default=True)
+@click.option("--device", type=DEVICE, default=None,
+              help="cpu, cuda or cuda:N (default: cuda if available).")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def table2(data: Path | None, out: Path, seeds: str, preset: str | None, epochs: int | None,
            init_resnet: str | None, init_vit: str | None, vit_run: Path | None,
@@ -156,8 +160,8 @@ def table2(data: Path | None, out: Path, seeds: str, preset: str | None, epochs:
     t2 = run_table2(data or DEFAULT_PATCH_FILE, out, seeds=parse_seeds(seeds), preset=preset,
                     init_resnet=init_resnet, init_vit=init_vit, vit_run=vit_run,
                     cnn={"epochs": cnn_epochs, "device": device or "cpu"},
-                    pretrain_overrides={"epochs": epochs} if epochs else None, device=device,
-                    progress=True, on_row=lambda line: click.echo(line, err=True))
+                    pretrain_overrides=None if epochs is None else {"epochs": epochs},
+                    device=device, progress=True, on_row=lambda line: click.echo(line, err=True))
     click.echo(f"Data: {t2.data.text}.\n")
     click.echo("Table 2: malignancy accuracy (%) with all annotations; paper column: real "
                "LIDC, ResNet-50 / ViT-S/16 at 224 px.\n")

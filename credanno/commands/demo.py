@@ -7,18 +7,21 @@ from pathlib import Path
 
 import click
 
+from credanno.commands._types import DEVICE, POSITIVE, Count
+
 
 @click.command("demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"),
               show_default=True, help="Folder for everything the demo writes.")
-@click.option("--seeds", type=click.IntRange(1, 20), default=3, show_default=True,
+@click.option("--seeds", type=Count(1, 20), default=3, show_default=True,
               help="Number of seeds (label subsets) per configuration.")
-@click.option("--device", default=None, help="cpu or cuda (default: cuda if available).")
+@click.option("--device", type=DEVICE, default=None,
+              help="cpu or cuda (default: cuda if available).")
 @click.option("--preset", default=None,
               help="Pretraining preset (default: paper on a GPU, cpu-tiny otherwise).")
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Use this patch file instead of preparing the phantom.")
-@click.option("--epochs", type=int, default=None, help="Override the pretraining epochs.")
+@click.option("--epochs", type=POSITIVE, default=None, help="Override the pretraining epochs.")
 @click.option("--progress/--no-progress", default=False, show_default=True,
               help="Progress bars within the stages (stage lines are always shown).")
 def demo(out: Path, seeds: int, device: str | None, preset: str | None, data: Path | None,
@@ -28,7 +31,7 @@ def demo(out: Path, seeds: int, device: str | None, preset: str | None, data: Pa
 
     t0 = time.perf_counter()
     res = run_demo(out=out, seeds=seeds, device=device, preset=preset, data=data,
-                   pretrain_overrides={"epochs": epochs} if epochs else None,
+                   pretrain_overrides=None if epochs is None else {"epochs": epochs},
                    progress=progress, on_stage=lambda line: click.echo(line, err=True))
     click.echo(f"wrote {res.report} (figures in {res.out / 'figures'}) in "
                f"{time.perf_counter() - t0:.0f} s")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from credanno.commands._types import DEVICE, POSITIVE, Count
 from credanno.errors import CredannoError
 
 
@@ -45,9 +46,10 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
               help="Patch file (default: data/phantom.h5).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Store file (default: stores/<run or encoder>.h5).")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
-@click.option("--views", type=int, default=0, show_default=True,
+@click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
+@click.option("--device", type=DEVICE, default=None,
+              help="cpu or cuda (default: cuda when available).")
+@click.option("--views", type=Count(0), default=0, show_default=True,
               help="Also store V augmented views of every training image (probe training).")
 @click.option("--float16", "half", is_flag=True, help="Store features as float16 (half size).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from credanno.commands._eval_options import output_options, store_options, subset_options
+from credanno.commands._types import DEVICE, FiniteFloat
 
 
 @click.command("knn")
@@ -14,7 +15,7 @@ from credanno.commands._eval_options import output_options, store_options, subse
 @subset_options
 @click.option("--seeds", default="0-4", show_default=True,
               help="Subset seeds: a range 0-4, a list 0,3,7 or a count 3.")
-@click.option("--T", "T", type=float, default=0.1, show_default=True,
+@click.option("--T", "T", type=FiniteFloat(0, example="0.1"), default=0.1, show_default=True,
               help="Temperature of the exp(sim / T) vote weights (DINO uses 0.07).")
 @click.option("--weighting", type=click.Choice(["exp", "majority"]), default="exp",
               show_default=True, help="Weighted (exp) or plain majority voting.")
@@ -23,7 +24,7 @@ from credanno.commands._eval_options import output_options, store_options, subse
               help="Labels to evaluate, comma-separated (default: all the store has).")
 @click.option("--block-rows", type=int, default=None,
               help="Stream the training features from the store in blocks of this many rows.")
-@click.option("--device", default=None, help="cpu, or cuda for a faiss GPU index "
+@click.option("--device", type=DEVICE, default=None, help="cpu, or cuda for a faiss GPU index "
               "(default: GPU when faiss sees one).")
 @output_options
 def knn(store, train_store, test_store, ks, fracs, n_labels, subset, stratify, seeds, T,

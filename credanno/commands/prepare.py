@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from credanno.commands._types import SEED
+
 
 @click.command("prepare")
 @click.option("--source", type=click.Choice(["phantom", "lidc", "folder"]), default="phantom",
@@ -16,7 +18,7 @@ import click
               show_default=True,
               help="70/30 draw per nodule (the paper's rule), per patient (no patient on "
                    "both sides), or the public label files' exact split (1904/769 images).")
-@click.option("--seed", type=int, default=42, show_default=True,
+@click.option("--seed", type=SEED, default=42, show_default=True,
               help="Seed of the split draws and of the phantom's intensities.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Patch file to write (default: data/phantom.h5 for the defaults, else "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from credanno.commands._eval_options import output_options, store_options, subset_options
+from credanno.commands._types import DEVICE, POSITIVE, FiniteFloat
+from credanno.eval.probe import MAX_LR
 
 
 @click.command("probe")
@@ -12,22 +14,24 @@ from credanno.commands._eval_options import output_options, store_options, subse
 @subset_options
 @click.option("--seeds", default="0-4", show_default=True,
               help="Seeds (subset, initialisation, batches): a range 0-4, a list or a count.")
-@click.option("--epochs", type=int, default=100, show_default=True)
-@click.option("--lr", type=float, default=None,
+@click.option("--epochs", type=POSITIVE, default=100, show_default=True)
+@click.option("--lr", type=FiniteFloat(0, MAX_LR, example="5e-4"), default=None,
               help="Initial learning rate (default: the paper's 5e-4 with all labels, "
                    "2.5e-4 with partial labels).")
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--batch-size", type=POSITIVE, default=128, show_default=True)
 @click.option("--kind", default=None,
               help="Feature set (default: last4, the CLS tokens of the last 4 blocks, "
                    "when the store has it).")
 @click.option("--labels", default=None,
               help="Labels to evaluate, comma-separated (default: all the store has).")
-@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+@click.option("--device", type=DEVICE, default=None,
+              help="cpu or cuda (default: cuda when available).")
 @click.option("--select", type=click.Choice(["last", "val"]), default="last",
               show_default=True,
               help="Model selection: last epoch, or each head's best epoch on a validation "
                    "part of the labelled subset (never the test split).")
-@click.option("--val-frac", type=float, default=0.2, show_default=True,
+@click.option("--val-frac", type=FiniteFloat(0, 1, high_open=True, example="0.2"),
+              default=0.2, show_default=True,
               help="Share of the labelled subset held out with --select val.")
 @click.option("--standardize/--no-standardize", default=True, show_default=True,
               help="Standardise features with training-split statistics (off = the paper's "

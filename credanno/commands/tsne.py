@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from credanno.commands._types import SEED, FiniteFloat
+
 
 @click.command("tsne")
 @click.option("--color", "color", default="malignancy", show_default=True,
@@ -17,8 +19,8 @@ import click
 @click.option("--fit-on-train", is_flag=True,
               help="Fit the map on the training split and place the shown split into it "
                    "(openTSNE transform).")
-@click.option("--perplexity", type=float, default=30.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--perplexity", type=FiniteFloat(0, example="30"), default=30.0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--kind", default="cls", show_default=True, help="Feature set of the store.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Figure file; .png, .svg or .pdf (default: results/tsne_<store>_<color>.png).")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from credanno import checks
 from credanno.data.intensity import get_intensity
 from credanno.data.patchfile import write_patch_file
 from credanno.data.selection import SelectionParams
@@ -78,6 +79,7 @@ def prepare(source: str = "phantom", split: str = DEFAULT_SPLIT, seed: int = DEF
         seed = int(seed)
     except (TypeError, ValueError):
         raise CredannoError(f"seed must be an integer, got {seed!r}") from None
+    seed = checks.seed(seed)  # numpy's generators take seeds in [0, 2**32 - 1]
     src = create_source(source)
     options = PrepareOptions(split=split, seed=seed, dicom_root=dicom_root, folder=folder,
                              intensity=intensity, progress=progress,

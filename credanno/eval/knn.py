@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
+from credanno import checks
+from credanno.devices import check_device
 from credanno.errors import CredannoError, CredannoWarning
 from credanno.labels import label_spec
 
@@ -181,6 +183,11 @@ def knn_search_blocks(blocks: Iterable[tuple[int, np.ndarray]], queries: np.ndar
     return heap.D, heap.I
 
 
+def check_T(T: float) -> float:
+    """The vote temperature: finite and > 0 (a NaN would make every vote NaN, silently)."""
+    return checks.finite(T, "--T", low=0, example="0.1")
+
+
 def knn_vote(sims: np.ndarray, neighbour_labels: np.ndarray, ks: Sequence[int],
              n_classes: int | Sequence[int], T: float = 0.1, weighting: str = "exp",
              ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -195,8 +202,7 @@ def knn_vote(sims: np.ndarray, neighbour_labels: np.ndarray, ks: Sequence[int],
     Returns ``{k: (pred, proba)}`` with ``pred`` (nq,) or (nq, L) int64 and ``proba``
     the vote shares, (nq, C) or a list of L arrays (nq, C_l).
     """
-    if T <= 0:
-        raise CredannoError(f"temperature T must be > 0, got {T}; the paper uses --T 0.1")
+    T = check_T(T)
     single = neighbour_labels.ndim == 2
     labs = neighbour_labels[..., None] if single else neighbour_labels
     counts = [int(n_classes)] if single else [int(c) for c in n_classes]
@@ -338,9 +344,9 @@ def knn_sweep_arrays(train_x: np.ndarray | None, train_table, test_x: np.ndarray
 
     ks = check_ks([ks] if np.isscalar(ks) else ks)
     get_weighting(weighting)
-    if T <= 0:
-        raise CredannoError(f"temperature T must be > 0, got {T}; the paper uses --T 0.1")
-    seeds = [int(seeds)] if np.isscalar(seeds) else [int(s) for s in seeds]
+    T = check_T(T)
+    check_device(device)
+    seeds = checks.seeds([seeds] if np.isscalar(seeds) else seeds)
     if labels is None:
         from credanno.labels import LABEL_NAMES
         labels = [n for n in LABEL_NAMES if n in train_table.columns]
@@ -444,6 +450,10 @@ def knn_sweep(store_or_path=None, ks: Sequence[int] | int = (20,),
     ks = check_ks([ks] if np.isscalar(ks) else ks)
     if block_rows is not None and int(block_rows) <= 0:
         raise CredannoError(f"--block-rows must be positive, got {block_rows}")
+    # checked before the store is read, so that a typo costs nothing
+    check_T(T)
+    check_device(device)
+    checks.seeds([seeds] if np.isscalar(seeds) else seeds)
     data = load_eval_data(store_or_path, kind, labels, test_store=test_store,
                           load_train=block_rows is None)
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from credanno import checks
 from credanno.errors import CredannoError
 
 
@@ -47,22 +48,25 @@ def parse_fracs(text: str) -> list[float]:
 
 def parse_seeds(text: str) -> list[int]:
     """``"0-4"`` -> [0..4]; ``"0,3,7"`` -> [0, 3, 7]; ``"3"`` -> [0, 1, 2] (a count, as in
-    ``credanno bench``)."""
+    ``credanno bench``). At most :data:`credanno.checks.MAX_SEEDS` seeds, each < 2**32."""
     text = str(text).strip()
     try:
         if "," in text:
             seeds = [int(t) for t in _items(text)]
         elif "-" in text[1:]:
-            lo, hi = text.split("-", 1)
-            seeds = list(range(int(lo), int(hi) + 1))
+            lo, hi = (int(t) for t in text.split("-", 1))
+            seeds = range(lo, hi + 1)  # a range, not a list: --seeds 0-1000000000 is a typo
         else:
-            seeds = list(range(int(text)))
+            seeds = range(int(text))
     except ValueError:
         raise CredannoError(f"--seeds {text!r} is not understood; pass a range (0-4), a list "
                             "(0,3,7) or a count (3)") from None
+    if len(seeds) > checks.MAX_SEEDS:  # before min(): a huge range must not be walked
+        raise CredannoError(f"--seeds {text!r} gives {len(seeds)} seeds, more than "
+                            f"{checks.MAX_SEEDS}; pass e.g. --seeds 0-4")
     if not seeds or min(seeds) < 0:
         raise CredannoError(f"--seeds {text!r} gives no usable seed; pass e.g. --seeds 0-4")
-    return seeds
+    return checks.seeds(seeds)
 
 
 def parse_labels(text: str | None) -> list[str] | None:
@@ -78,9 +82,9 @@ def parse_labels(text: str | None) -> list[str] | None:
 def emit(result, as_json: bool, csv: Path | None, predictions: Path | None) -> str:
     """Write the requested files and return the text for stdout."""
     if csv is not None:
-        result.write_csv(csv)
+        result.write_csv(csv, option="--csv")
     if predictions is not None:
-        result.write_predictions(predictions)
+        result.write_predictions(predictions, option="--predictions")
     if as_json:
         return result.to_json()
     parts = [result.to_table()]

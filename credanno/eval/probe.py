@@ -26,6 +26,7 @@ split* (no labels used), which puts any encoder's features on that scale; pass
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,13 +34,35 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from credanno.errors import CredannoError
+from credanno import checks
+from credanno.errors import CredannoError, CredannoWarning
 from credanno.labels import LABEL_NAMES, label_spec
 
 #: The paper's probe recipe (section 3, "Training settings").
 PAPER_LR_FULL = 5e-4
 PAPER_LR_PARTIAL = 2.5e-4
 SELECTIONS: tuple[str, ...] = ("last", "val")
+#: the largest learning rate accepted: far above any that trains (the paper's is 5e-4);
+#: beyond it the heads diverge and the accuracies are noise
+MAX_LR = 10.0
+PAPER_BATCH = 128
+
+
+def check_lr(lr: float) -> float:
+    """A learning rate: finite and in (0, :data:`MAX_LR`]."""
+    return checks.finite(lr, "--lr", low=0, high=MAX_LR, example="5e-4")
+
+
+def _clamp_batch(batch_size: int, n_rows: int) -> int:
+    """A batch larger than the data only allocates padding (10**8 rows: 400 GB): use
+    the data's size instead, with a warning unless it is the paper's 128 on a small set."""
+    batch_size = checks.count(batch_size, "--batch-size")
+    if batch_size > n_rows > 0:
+        if batch_size > PAPER_BATCH:
+            warnings.warn(f"--batch-size {batch_size} is larger than the {n_rows} training "
+                          f"rows; using {n_rows}", CredannoWarning, stacklevel=3)
+        return n_rows
+    return batch_size
 
 
 def paper_lr(frac: float) -> float:
@@ -185,13 +208,14 @@ def train_joint_heads(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, train_ro
         finally:
             torch.set_num_threads(saved)
 
-    if epochs <= 0:
-        raise CredannoError(f"epochs must be positive, got {epochs}")
-    if batch_size <= 0:
-        raise CredannoError(f"batch size must be positive, got {batch_size}")
+    epochs = checks.count(epochs, "--epochs")
     n, D = X.shape
+    batch_size = _clamp_batch(batch_size, n)
+    checks.finite(momentum, "momentum", low=0, high=1, low_open=False, high_open=True)
     C = len(train_rows)
     lrs = np.broadcast_to(np.asarray(lr, dtype=np.float64), (C,))
+    for value in set(lrs.tolist()):
+        check_lr(value)
     seeds = np.broadcast_to(np.asarray(seeds, dtype=np.int64), (C,))
     rows = [np.asarray(r, dtype=np.int64) for r in train_rows]
     if any(len(r) == 0 for r in rows):
@@ -480,10 +504,13 @@ def probe_sweep_arrays(train_x: np.ndarray, train_table: pd.DataFrame, test_x: n
 
     if select not in SELECTIONS:
         raise CredannoError(f"unknown selection {select!r}; use one of {', '.join(SELECTIONS)}")
-    if lr is not None and lr <= 0:
-        raise CredannoError(f"learning rate must be positive, got {lr}")
+    # every setting is checked before the subsets are drawn
+    if lr is not None:
+        lr = check_lr(lr)
+    checks.count(epochs, "--epochs")
+    batch_size = _clamp_batch(batch_size, len(train_x))
     device = _check_device(device)
-    seeds = [int(seeds)] if np.isscalar(seeds) else [int(s) for s in seeds]
+    seeds = checks.seeds([seeds] if np.isscalar(seeds) else seeds)
     if labels is None:
         labels = [n for n in LABEL_NAMES if n in train_table.columns]
     labels = list(labels)
@@ -534,13 +561,9 @@ def probe_sweep_arrays(train_x: np.ndarray, train_table: pd.DataFrame, test_x: n
 
 
 def _check_device(device: str | None) -> str:
-    import torch
+    from credanno.devices import resolve_device
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CredannoError(f"--device {device} requested but torch sees no GPU; "
-                            "pass --device cpu")
-    return device
+    return resolve_device(device)
 
 
 def probe_sweep(store_or_path=None, fracs: Sequence[float] | float = (1.0,),
@@ -561,6 +584,13 @@ def probe_sweep(store_or_path=None, fracs: Sequence[float] | float = (1.0,),
     """
     from credanno.eval.data import load_eval_data
 
+    # checked before the store is read, so that a typo costs nothing
+    if lr is not None:
+        check_lr(lr)
+    checks.count(epochs, "--epochs")
+    checks.count(batch_size, "--batch-size")
+    device = _check_device(device)
+    checks.seeds([seeds] if np.isscalar(seeds) else seeds)
     data = load_eval_data(store_or_path, kind, labels, test_store=test_store,
                           views=use_views)
     return probe_sweep_arrays(

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from credanno import checks
 from credanno._atomic import atomic_path
 from credanno.errors import CredannoError, CredannoWarning
 from credanno.paths import cache_dir
@@ -94,9 +95,16 @@ def _load_cached(path: Path, key: dict[str, Any]) -> np.ndarray | None:
 
 
 def _save_cached(path: Path, key: dict[str, Any], coords: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, coords=coords, key=np.array(json.dumps(key, sort_keys=True)))
+    """Cache a computed map. The cache only saves time: when it cannot be written the map
+    is kept and the command goes on, with a warning (as prepare's selection cache does)."""
+    try:
+        with atomic_path(path, option="$CREDANNO_CACHE") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, coords=coords, key=np.array(json.dumps(key, sort_keys=True)))
+    except (OSError, CredannoError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        warnings.warn(f"t-SNE map not cached: {reason}; it will be recomputed next time",
+                      CredannoWarning, stacklevel=2)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -109,8 +117,7 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 
 def _perplexity(perplexity: float, n: int) -> float:
-    if perplexity <= 0:
-        raise CredannoError(f"perplexity must be > 0 (got {perplexity}); the usual is 30")
+    perplexity = checks.finite(perplexity, "--perplexity", low=0, example="30")
     if n < 4:
         raise CredannoError(f"t-SNE needs at least 4 points; the selected split has {n}")
     top = (n - 1) / 3.0
@@ -150,6 +157,8 @@ def tsne_map(store: str | os.PathLike | None = None, split: str = "test", kind: 
     """
     from credanno import stores
 
+    seed = checks.seed(seed)  # openTSNE takes a 32-bit unsigned seed
+    checks.finite(perplexity, "--perplexity", low=0, example="30")  # before any work
     path = resolve_store(store)
     split_sel = _split_arg(split)
     fit_split = split if fit_split is None else fit_split
