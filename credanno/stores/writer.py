@@ -25,6 +25,7 @@ import pandas as pd
 from credanno import __version__
 from credanno._atomic import atomic_path, check_space, space_error
 from credanno.errors import CredannoError
+from credanno.stores.h5table import write_table
 from credanno.stores.schema import (
     CHUNK_BYTES,
     LOCK_HINT,
@@ -36,7 +37,7 @@ from credanno.stores.schema import (
     is_lock_error,
     to_json,
 )
-from credanno.table import validate_table, write_table
+from credanno.table import validate_table
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 _BLOCK_BYTES = 4 << 20
