@@ -53,6 +53,17 @@ def _finite(block: np.ndarray) -> bool:
     return bool(np.isfinite(block).all())
 
 
+def _write_rows(ds: h5py.Dataset, block: np.ndarray, row: int) -> None:
+    """Write ``block`` at ``row`` of the last-but-one axis of ``ds`` (all of the others).
+
+    HDF5's own call with a hyperslab costs a fraction of ``write_direct``'s selection
+    machinery, which is paid once per ~4 MiB block.
+    """
+    fspace = ds.id.get_space()
+    fspace.select_hyperslab((*([0] * (block.ndim - 2)), row, 0), block.shape)
+    ds.id.write(h5py.h5s.create_simple(block.shape), fspace, block)
+
+
 class StoreWriter(AbstractContextManager):
     """Write a feature store row batch by row batch (see :func:`create`).
 
@@ -286,10 +297,7 @@ class StoreWriter(AbstractContextManager):
                         else "the encoder output is broken (diverged checkpoint or corrupt "
                              "input)")
                 raise CredannoError(f"{what} contains NaN or Inf; {hint}; nothing was stored")
-            b = block.shape[-2]
-            sel = np.s_[start + a:start + a + b] if arr.ndim == 2 else \
-                np.s_[:, start + a:start + a + b]
-            ds.write_direct(block, dest_sel=sel)
+            _write_rows(ds, block, start + a)
 
     # -- finishing ------------------------------------------------------------------------
 
