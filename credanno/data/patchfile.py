@@ -30,7 +30,8 @@ import pandas as pd
 from credanno import __version__
 from credanno.errors import CredannoError
 from credanno.stores.h5image import write_h5_whole
-from credanno.table import read_table, split_problem, table_problem, write_table
+from credanno.stores.h5table import read_column, read_table, table_problem, write_table
+from credanno.table import split_problem
 
 SCHEMA = "credanno.patches"
 SCHEMA_VERSION = 1
@@ -129,7 +130,7 @@ def _layout_problem(f: h5py.File) -> str | None:
     if shape[1] != shape[2] or shape[1] < 1:
         # embed and pretrain both need square patches; refusing here covers every reader
         return f"/images are {shape[1]} x {shape[2]} pixels, not square"
-    return split_problem(f["table"]["split"].asstr()[...])
+    return split_problem(read_column(f["table"], "split"))
 
 
 def read_patch_file(path: str | os.PathLike, *, images: bool = True) -> PatchSet:

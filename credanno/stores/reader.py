@@ -29,6 +29,7 @@ import pandas as pd
 
 from credanno.errors import CredannoError
 from credanno.labels import LABEL_NAMES, label_spec
+from credanno.stores.h5table import column_names, read_column, read_table, table_problem
 from credanno.stores.schema import (
     LOCK_HINT,
     SCHEMA,
@@ -38,7 +39,7 @@ from credanno.stores.schema import (
     h5open,
     is_lock_error,
 )
-from credanno.table import SPLITS, read_table, split_problem, table_problem
+from credanno.table import SPLITS, split_problem
 
 _REMAKE = "re-create it with `credanno embed`"
 #: Above this many contiguous pieces a split is read block-wise instead of piece by piece.
@@ -126,7 +127,7 @@ class Store:
         problem = table_problem(table, self.n)
         if problem:
             raise self._damaged(problem)
-        columns = [str(decode_attr(c)) for c in table.attrs.get("columns", list(table))]
+        columns = column_names(table)
         feats = f["features"]
         for kind, dim in dims.items():
             ds = feats[kind]
@@ -135,7 +136,7 @@ class Store:
                                     f"{getattr(ds, 'shape', None)}, expected ({self.n}, {dim})")
         # Every split read goes through this column, so check (and keep) it now: unknown
         # values would otherwise drop rows silently from both splits.
-        self._split_col = table["split"].asstr()[...]
+        self._split_col = read_column(table, "split")
         problem = split_problem(self._split_col)
         if problem:
             raise self._damaged(problem)
@@ -257,7 +258,7 @@ class Store:
 
     def _splits(self) -> np.ndarray:
         if self._split_col is None:
-            self._split_col = self._read(lambda f: f["table"]["split"].asstr()[...])
+            self._split_col = self._read(lambda f: read_column(f["table"], "split"))
         return self._split_col
 
     def _read(self, fn):
@@ -302,8 +303,8 @@ class Store:
         rows = self.rows(split)
         sel = self._selector(rows)
         if isinstance(sel, slice):
-            return self._read(lambda f: f["table"][name][sel]).astype(np.int64)
-        return self._read(lambda f: f["table"][name][...])[rows].astype(np.int64)
+            return self._read(lambda f: read_column(f["table"], name, sel)).astype(np.int64)
+        return self._read(lambda f: read_column(f["table"], name))[rows].astype(np.int64)
 
     # -- features -------------------------------------------------------------------------
 

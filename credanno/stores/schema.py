@@ -126,3 +126,19 @@ def from_json(value: Any, what: str, path: Path) -> Any:
     except (TypeError, ValueError):
         raise CredannoError(f"{path}: attribute {what!r} is not valid JSON (corrupt store); "
                             "re-create it with `credanno embed`") from None
+
+
+def read_content_id(path: str | os.PathLike) -> str | None:
+    """The ``content_id`` attribute of an HDF5 file (patch file, store), or None.
+
+    None when the file is not HDF5 or carries no id (files of older versions); the caller
+    then identifies the file by its bytes. Only the attribute is read.
+    """
+    try:
+        if not h5py.is_hdf5(path):
+            return None
+        with h5open(Path(path), "r") as f:
+            value = decode_attr(f.attrs.get("content_id", None))
+    except OSError:
+        return None
+    return None if value is None else str(value)

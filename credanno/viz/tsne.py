@@ -4,9 +4,9 @@ The paper maps the feature f of every test image to 2-D with t-SNE [van der Maat
 and colours the points by each ground-truth rating. We use openTSNE on L2-normalised
 features (so Euclidean distance ranks neighbours like the cosine similarity k-NN uses).
 
-Cache design: only the 2-D coordinates are cached (one ``.npz`` per map under
-``cache_dir()/tsne``, written atomically), keyed by the store (resolved path, size, mtime)
-and every parameter that changes the map. The openTSNE embedding object is not pickled: it
+Cache design: only the 2-D coordinates are cached (one :mod:`credanno.cache` entry per map,
+kind ``tsne``), keyed by the store's content identity (its ``content_id``) and every
+parameter that changes the map. The openTSNE embedding object is not pickled: it
 holds the training features and an O(n k) affinity matrix, and it is only needed to place
 *new* points with ``transform``. When that is asked for and the reference map is cached, we
 rebuild the affinities of the training points (a nearest-neighbour search, seconds) around
@@ -16,8 +16,6 @@ then cached too.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -28,9 +26,8 @@ import numpy as np
 import pandas as pd
 
 from credanno import checks
-from credanno._atomic import atomic_path
+from credanno.cache import Cache, content_identity
 from credanno.errors import CredannoError, CredannoWarning
-from credanno.paths import cache_dir
 
 SPLITS = ("train", "test", "all")
 #: Bump when the way maps are computed changes, so that old cache entries are ignored.
@@ -74,37 +71,16 @@ def resolve_store(store: str | os.PathLike | None) -> Path:
     return path
 
 
-def _store_key(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+def _load_cached(cache: Cache, key: dict[str, Any]) -> np.ndarray | None:
+    entry = cache.get(key)  # a missing or damaged entry is recomputed, never trusted
+    if entry is None or "coords" not in entry.arrays:
+        return None
+    return np.asarray(entry.arrays["coords"], dtype=np.float64)
 
 
-def _cache_file(key: dict[str, Any], root: Path) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return root / "tsne" / f"{digest}.npz"
-
-
-def _load_cached(path: Path, key: dict[str, Any]) -> np.ndarray | None:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if json.loads(str(z["key"])) != key:
-                return None
-            return np.asarray(z["coords"], dtype=np.float64)
-    except (OSError, ValueError, KeyError):
-        return None  # a missing or unreadable cache entry is recomputed, never trusted
-
-
-def _save_cached(path: Path, key: dict[str, Any], coords: np.ndarray) -> None:
-    """Cache a computed map. The cache only saves time: when it cannot be written the map
-    is kept and the command goes on, with a warning (as prepare's selection cache does)."""
-    try:
-        with atomic_path(path, option="$CREDANNO_CACHE") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, coords=coords, key=np.array(json.dumps(key, sort_keys=True)))
-    except (OSError, CredannoError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        warnings.warn(f"t-SNE map not cached: {reason}; it will be recomputed next time",
-                      CredannoWarning, stacklevel=2)
+def _save_cached(cache: Cache, key: dict[str, Any], coords: np.ndarray) -> None:
+    # The cache only saves time: when it cannot be written, Cache.put warns and goes on.
+    cache.put(key, {"coords": np.asarray(coords)})
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -166,7 +142,7 @@ def tsne_map(store: str | os.PathLike | None = None, split: str = "test", kind: 
     if fit_split != split and fit_split != "train":
         raise CredannoError(f"can only place points into a map of the training split; got "
                             f"fit_split={fit_split!r} (use 'train' or leave it unset)")
-    root = Path(cache_root) if cache_root is not None else cache_dir()
+    tsne_cache = Cache("tsne", what="t-SNE map", root=cache_root, enabled=cache)
 
     with stores.open(path) as s:
         if kind not in s.feature_sets:
@@ -178,34 +154,31 @@ def tsne_map(store: str | os.PathLike | None = None, split: str = "test", kind: 
         perp = _perplexity(perplexity, min(n_fit, len(table)) if fit_split == split else n_fit)
         params = {"kind": kind, "perplexity": perp, "seed": seed, "method": "openTSNE",
                   "normalise": "l2", "version": CACHE_VERSION}
-        ref_key = {"store": _store_key(path), "split": fit_split, "fit_split": fit_split,
-                   **params}
-        ref_file = _cache_file(ref_key, root)
-        ref = _load_cached(ref_file, ref_key) if cache else None
+        # the identity of the file `s` has open (content_id), not of whatever is at path now
+        ref_key = {"store": content_identity(s) if cache else None, "split": fit_split,
+                   "fit_split": fit_split, **params}
+        ref = _load_cached(tsne_cache, ref_key)
         was_cached = ref is not None
 
         if fit_split == split:
             if ref is None:
                 ref = np.asarray(_fit(_normalise(s.features(split=split_sel, kind=kind)),
                                       perp, seed, n_jobs))
-                if cache:
-                    _save_cached(ref_file, ref_key, ref)
+                _save_cached(tsne_cache, ref_key, ref)
             coords = ref
         else:
             key = {**ref_key, "split": split}
-            out_file = _cache_file(key, root)
-            coords = _load_cached(out_file, key) if cache else None
+            coords = _load_cached(tsne_cache, key)
             was_cached = coords is not None
             if coords is None:
                 x_fit = _normalise(s.features(split=fit_sel, kind=kind))
                 emb = (_fit(x_fit, perp, seed, n_jobs) if ref is None
                        else _rebuild(x_fit, ref, perp, seed, n_jobs))
-                if ref is None and cache:
-                    _save_cached(ref_file, ref_key, np.asarray(emb))
+                if ref is None:
+                    _save_cached(tsne_cache, ref_key, np.asarray(emb))
                 coords = np.asarray(emb.transform(_normalise(s.features(split=split_sel,
                                                                         kind=kind))))
-                if cache:
-                    _save_cached(out_file, key, coords)
+                _save_cached(tsne_cache, key, coords)
 
     return TSNEMap(coords=np.asarray(coords, dtype=np.float64), table=table, split=split,
                    fit_split=fit_split, params=params, store=path, provenance=provenance,
