@@ -180,9 +180,12 @@ STORE_DAMAGE = {
 
 @pytest.mark.parametrize("how", list(STORE_DAMAGE))
 def test_damaged_store_is_refused_at_open(store_path, how):
+    """Refused at open; the split column (costly to read) on its first use, before any
+    split-based read could drop rows."""
     _damage_store(store_path, how)
     with pytest.raises(CredannoError, match=STORE_DAMAGE[how]) as info:
-        stores.open(store_path)
+        with stores.open(store_path) as s:
+            s.rows("train")
     msg = str(info.value)
     assert "\n" not in msg and str(store_path) in msg and "credanno embed" in msg
 
@@ -194,8 +197,9 @@ def test_store_views_of_the_wrong_shape_are_refused(tmp_path, table):
                        views={"cls": np.stack([x[:n_train]] * 2)})
     with h5py.File(path, "a") as f:
         f.attrs["n_views"] = 3
-    with pytest.raises(CredannoError, match=r"views 'cls' have shape \(2, \d+, 8\), expected"):
-        stores.open(path)
+    with stores.open(path) as s, pytest.raises(
+            CredannoError, match=r"views 'cls' have shape \(2, \d+, 8\), expected"):
+        s.views(kind="cls")
 
 
 @pytest.mark.parametrize("how", ["short_column", "all_columns_short", "provenance_list",

@@ -134,13 +134,6 @@ class Store:
             if not isinstance(ds, h5py.Dataset) or ds.shape != (self.n, dim):
                 raise self._damaged(f"feature set {kind!r} has shape "
                                     f"{getattr(ds, 'shape', None)}, expected ({self.n}, {dim})")
-        # Every split read goes through this column, so check (and keep) it now: unknown
-        # values would otherwise drop rows silently from both splits.
-        self._split_col = read_column(table, "split")
-        problem = split_problem(self._split_col)
-        if problem:
-            raise self._damaged(problem)
-        self._check_views(f, dims, int(np.count_nonzero(self._split_col == "train")))
         self._dims: dict[str, int] = dict(dims)
         self._columns = columns
         self.feature_sets: list[str] = list(self._dims)
@@ -257,8 +250,17 @@ class Store:
     # -- rows and table -------------------------------------------------------------------
 
     def _splits(self) -> np.ndarray:
+        """The split column, read and checked on first use: every split-based read goes
+        through it, so unknown values are refused before they could drop rows silently.
+        (Read lazily because it costs more than opening the store: 100k strings ~30 ms.)"""
         if self._split_col is None:
-            self._split_col = self._read(lambda f: read_column(f["table"], "split"))
+            col = self._read(lambda f: read_column(f["table"], "split"))
+            problem = split_problem(col)
+            if problem:
+                raise self._damaged(problem)
+            self._read(lambda f: self._check_views(f, self._dims,
+                                                   int(np.count_nonzero(col == "train"))))
+            self._split_col = col
         return self._split_col
 
     def _read(self, fn):
@@ -369,6 +371,7 @@ class Store:
                                 f"{', '.join(self.feature_sets)}")
         if not self.n_views:
             return None
+        self._splits()  # checks the views' shapes against the training rows
 
         def read(f: h5py.File) -> np.ndarray | None:
             if kind not in f["views"]:
