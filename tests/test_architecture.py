@@ -41,3 +41,29 @@ def test_one_cache_module():
     users = sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py")
                    if "cache_dir" in p.read_text())
     assert users == ["cache.py", "paths.py"]
+
+
+def test_cli_lists_choices_from_the_registries():
+    """prepare's --source/--split/--intensity come from the registries, not a copied list."""
+    from click.testing import CliRunner
+
+    from credanno.cli import cli
+    from credanno.data.intensity import intensity_names, register_intensity
+    from credanno.data.sources import source_names
+    from credanno.data.splits import split_names
+
+    help_text = CliRunner().invoke(cli, ["prepare", "--help"]).output
+    for names in (source_names(), split_names(), intensity_names()):
+        assert f"[{'|'.join(names)}]" in help_text.replace("\n", "").replace(" ", "")
+
+    @register_intensity("test-only-mode")
+    def _mode(hu):  # a registered extension shows up in the CLI at once
+        return hu
+
+    try:
+        result = CliRunner().invoke(cli, ["prepare", "--intensity", "nope"])
+        assert result.exit_code != 0 and "test-only-mode" in result.output
+    finally:
+        from credanno.data import intensity
+
+        intensity._MODES.pop("test-only-mode")

@@ -67,3 +67,29 @@ POSITIVE = Count(1)
 SEED = Count(0, checks.MAX_SEED)
 DEVICE = Device()
 __all__ = ["DEVICE", "POSITIVE", "SEED", "Count", "Device", "FiniteFloat", "VALID_DEVICES"]
+
+
+class RegistryChoice(click.Choice):
+    """A choice among a registry's names, read from the registry when first needed.
+
+    The CLI lists extension points (sources, splits, intensity modes) from their registries
+    instead of repeating the names, and stays lazy: ``credanno --help`` imports nothing.
+    """
+
+    def __init__(self, names: str) -> None:
+        # ``names``: "module:function" returning the registered names
+        self._names = names
+        super().__init__([], case_sensitive=True)
+
+    @property
+    def choices(self) -> list[str]:  # type: ignore[override]
+        # Read each time: a module registered later (a plugin) is listed too.
+        import importlib
+
+        module, func = self._names.split(":")
+        return list(getattr(importlib.import_module(module), func)())
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns it
+        pass
+

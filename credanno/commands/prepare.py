@@ -6,15 +6,15 @@ from pathlib import Path
 
 import click
 
-from credanno.commands._types import SEED
+from credanno.commands._types import SEED, RegistryChoice
 
 
 @click.command("prepare")
-@click.option("--source", type=click.Choice(["phantom", "lidc", "folder"]), default="phantom",
-              show_default=True,
+@click.option("--source", type=RegistryChoice("credanno.data.sources:source_names"),
+              default="phantom", show_default=True,
               help="phantom: rendered from the real outlines, no DICOM; lidc: real CT "
                    "(needs --dicom-root); folder: import the original cRedAnno layout.")
-@click.option("--split", type=click.Choice(["nodule", "patient", "public"]), default="nodule",
+@click.option("--split", type=RegistryChoice("credanno.data.splits:split_names"), default="nodule",
               show_default=True,
               help="70/30 draw per nodule (the paper's rule), per patient (no patient on "
                    "both sides), or the public label files' exact split (1904/769 images).")
@@ -28,8 +28,8 @@ from credanno.commands._types import SEED
                    "[dicom] path of ~/.pylidcrc).")
 @click.option("--folder", type=click.Path(path_type=Path), default=None,
               help="cRedAnno dataset folder with Image/ and meta_*.csv (folder source).")
-@click.option("--intensity", type=click.Choice(["window", "minmax"]), default="window",
-              show_default=True,
+@click.option("--intensity", type=RegistryChoice("credanno.data.intensity:intensity_names"),
+              default="window", show_default=True,
               help="HU to [0, 1]: fixed lung window, or the paper's per-patch min-max.")
 @click.option("--all-annotations", is_flag=True,
               help="Keep the annotations the public code skips (single-slice, crop leaving "
