@@ -116,3 +116,22 @@ def test_supervised_baseline_is_reproducible_and_ignores_the_global_rng():
     torch.rand(17)
     np.testing.assert_array_equal(_fit_predict(0, images, y), first)
     assert not np.array_equal(_fit_predict(1, images, y), first)
+
+
+def test_embed_stores_the_shared_views_and_says_how(tiny_patch_file, tmp_path):
+    from credanno import stores
+    from credanno.data.patchfile import read_patch_file
+    from credanno.embed import embed
+
+    out = embed(tiny_patch_file, encoder="pixels", out=tmp_path / "v.h5", batch_size=17,
+                views=2, view_seed=4)
+    ps = read_patch_file(tiny_patch_file)
+    rows = np.flatnonzero(ps.table["split"].to_numpy() == "train")
+    aug = ViewAugmentation(max_shift=2, seed=4)
+    with stores.open(out) as s:
+        stored, prov = s.views(kind="cls"), s.provenance["views"]
+    for v in range(2):
+        expected = aug(torch.from_numpy(ps.images[rows]), rows, v).reshape(len(rows), -1)
+        np.testing.assert_array_equal(stored[v], expected.numpy())
+    assert prov["augmentation"] == aug.to_dict()
+    assert prov["augmentation"]["scheme"].startswith("credanno.augment.views/1")

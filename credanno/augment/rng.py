@@ -71,14 +71,21 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def forked_seed(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
-    """Run the block with torch's global generators seeded by ``seed``, restored afterwards.
+    """Run the block with torch's CPU generator (and ``device``'s, on CUDA) seeded by
+    ``seed``, and restore both afterwards.
 
     For library code that draws from the global generator and takes no ``torch.Generator``
     (timm's initialisation, dropout, drop path): its draws become a function of ``seed``
-    alone, and the caller's global random state is left as it was.
+    alone, and the caller's global random state is left as it was. Unlike
+    ``torch.manual_seed``, no other device's generator is touched (nor queued to be seeded
+    when CUDA starts).
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
-    cuda = [dev.index or 0] if dev.type == "cuda" else []
+    cuda = []
+    if dev.type == "cuda":
+        cuda = [dev.index if dev.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(int(seed))
+        torch.random.default_generator.manual_seed(int(seed))
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(int(seed))
         yield
