@@ -11,60 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from credanno import stores
+from credanno.augment.views import ViewAugmentation
 from credanno.data.patchfile import file_sha256, read_patch_file
 from credanno.encoders import Encoder, build_encoder
 from credanno.errors import CredannoError
 from credanno.paths import DEFAULT_PATCH_FILE, STORES_DIR
 
 WHICH = ("teacher", "student", "random")
-
-
-@dataclass(frozen=True)
-class ViewAugmentation:
-    """Label-preserving views of a grey patch for probe training without the encoder.
-
-    A nodule has no canonical orientation, so each view is a random horizontal flip, a
-    random multiple of 90 degrees of rotation and a shift of up to ``max_shift`` px (reflect
-    padding) -- the geometric part of DINO's augmentations, without the photometric part that
-    would change attribute ratings such as calcification or texture. Parameters are drawn
-    from ``(seed, row, view)``, so a view does not depend on batching or on the rank.
-    """
-
-    max_shift: int = 2
-    seed: int = 0
-
-    def params(self, row: int, view: int) -> tuple[bool, int, int, int]:
-        rng = np.random.default_rng((self.seed, int(row), int(view)))
-        flip = bool(rng.integers(2))
-        quarter_turns = int(rng.integers(4))
-        dy, dx = (int(v) for v in rng.integers(-self.max_shift, self.max_shift + 1, size=2))
-        return flip, quarter_turns, dy, dx
-
-    def __call__(self, images: torch.Tensor, rows: np.ndarray, view: int) -> torch.Tensor:
-        """``images`` (B, H, W) of table rows ``rows`` -> their view number ``view``."""
-        s = self.max_shift
-        out = torch.empty_like(images)
-        for i, row in enumerate(rows):
-            flip, k, dy, dx = self.params(row, view)
-            x = images[i]
-            if flip:
-                x = x.flip(-1)
-            x = torch.rot90(x, k, dims=(-2, -1))
-            if s:
-                h, w = x.shape[-2:]
-                padded = F.pad(x[None, None], (s, s, s, s), mode="reflect")[0, 0]
-                x = padded[s + dy:s + dy + h, s + dx:s + dx + w]
-            out[i] = x
-        return out
 
 
 @dataclass
@@ -194,9 +155,11 @@ def embed(data: str | os.PathLike = DEFAULT_PATCH_FILE,
     With no encoder named, the newest ``credanno pretrain`` run's teacher is used (as DINO
     and the paper evaluate). ``encoder`` is ``"timm:ARCH"`` (random init, or ``weights``
     from a local file; ``encoder_kwargs`` go to ``timm.create_model``) or ``"pixels"``.
-    ``views=V`` also stores V augmented views (:class:`ViewAugmentation`) of every training
-    image. The default output is ``stores/<run-or-encoder name>.h5`` (with the patch file's
-    name appended when it is not the default one).
+    ``views=V`` also stores V augmented views of every training image
+    (:class:`credanno.augment.views.ViewAugmentation`, drawn from ``(view_seed, view, row)``;
+    the scheme is written to the store's provenance). The default output is
+    ``stores/<run-or-encoder name>.h5`` (with the patch file's name appended when it is not
+    the default one).
     """
     if which not in WHICH:
         raise CredannoError(f"unknown --which {which!r}; choose one of {', '.join(WHICH)}")
@@ -264,7 +227,7 @@ def _embed(enc: Encoder, data: Path, images: np.ndarray, table: Any, out: Any,
                        "image_size": int(images.shape[1]), "source": source},
         "transform": enc.transform.to_dict() if enc.transform is not None else None,
         "feature_sets": enc.definitions,
-        "views": ({"n": n_views, "augmentation": asdict(augment), "rows": "train"}
+        "views": ({"n": n_views, "augmentation": augment.to_dict(), "rows": "train"}
                   if n_views else None),
         "precision": precision,
     }

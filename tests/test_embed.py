@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from credanno import stores
+from credanno.augment import ViewAugmentation
 from credanno.cli import main
 from credanno.data.patchfile import file_sha256, read_patch_file
-from credanno.embed import ViewAugmentation, embed
+from credanno.embed import embed
 from credanno.encoders import build_encoder
 from credanno.errors import CredannoError
 from credanno.transforms import EvalTransform

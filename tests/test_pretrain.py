@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from credanno.augment.rng import mix64, sample_keys, uniforms
 from credanno.errors import CredannoError
 from credanno.pretrain.config import PretrainConfig, available_presets, load_config
 from credanno.pretrain.heads import DINOHead, MultiCropWrapper
 from credanno.pretrain.loss import DINOLoss
 from credanno.pretrain.multicrop import CropSpec, MultiCrop
 from credanno.pretrain.nodule_views import SameNoduleViews
-from credanno.pretrain.rng import mix64, sample_keys, uniforms
 from credanno.pretrain.schedules import cosine_schedule, teacher_temperature_schedule
 from credanno.pretrain.train import clip_per_parameter, ema_update, param_groups, select_amp_dtype
 

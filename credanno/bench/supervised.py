@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from credanno import checks
+from credanno.augment.rng import epoch_permutation, forked_seed
+from credanno.augment.views import ViewAugmentation
 from credanno.devices import check_device
 from credanno.errors import CredannoError
 from credanno.transforms import EvalTransform
@@ -25,17 +27,6 @@ from credanno.transforms import EvalTransform
 #: input sizes of the end-to-end baseline: below 8 px nothing is left to learn; the whole
 #: training set is resized at once, so 512 px (6 GB for the phantom) is the ceiling.
 CNN_MIN_SIZE, CNN_MAX_SIZE = 8, 512
-
-
-def _augment(x, generator):
-    """Random flips and 90-degree rotations: label-preserving for nodule patches."""
-    import torch
-
-    b = x.shape[0]
-    flip = torch.rand(b, generator=generator) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    k = int(torch.randint(0, 4, (1,), generator=generator))
-    return torch.rot90(x, k, dims=(-2, -1))
 
 
 def load_init_weights(model, path: str | os.PathLike) -> int:
@@ -113,8 +104,14 @@ class EndToEndClassifier:
         return model
 
     def fit(self, images: np.ndarray, y: np.ndarray) -> EndToEndClassifier:
+        """Train on the images with a label (``y`` >= 0); same ``seed``, same model.
+
+        Every random draw is a function of ``seed``: the image order and the views come
+        from the counter RNG (:mod:`credanno.augment`), and timm's initialisation (and any
+        dropout) runs under :func:`~credanno.augment.rng.forked_seed`, so neither reads nor
+        changes the caller's global torch random state.
+        """
         import torch
-        import torch.nn.functional as F
 
         y = np.asarray(y, dtype=np.int64)
         keep = y >= 0
@@ -123,24 +120,35 @@ class EndToEndClassifier:
             raise CredannoError("no labelled images to train the end-to-end baseline on; "
                                 "use a larger label fraction")
         self.n_classes = self.n_classes or int(y.max()) + 1
-        torch.manual_seed(self.seed)
-        gen = torch.Generator().manual_seed(self.seed)
         self.transform_ = EvalTransform(resize=self.image_size, crop=self.image_size)
-        model = self._model(self.n_classes).to(self.device)
         x_all = self.transform_(torch.from_numpy(images))
-        y_all = torch.from_numpy(y)
-        bs = min(self.batch_size, len(y))
-        steps_per_epoch = math.ceil(len(y) / bs)
-        total = max(self.min_steps, self.epochs * steps_per_epoch)
+        with forked_seed(self.seed, self.device):
+            model = self._model(self.n_classes).to(self.device)
+            # views are keyed by the image's index in ``images``, not by its labelled rank,
+            # so an image's views do not depend on which other images carry a label
+            self._train(model, x_all, torch.from_numpy(y), np.flatnonzero(keep))
+        self.model_ = model.eval()
+        return self
+
+    def _train(self, model, x_all, y_all, index: np.ndarray) -> None:
+        """AdamW + cosine over ``max(min_steps, epochs * steps)`` steps; epoch ``e`` shows
+        each image once, in the order and view drawn from (seed, e, image index)."""
+        import torch
+        import torch.nn.functional as F
+
+        n = len(y_all)
+        bs = min(self.batch_size, n)
+        total = max(self.min_steps, self.epochs * math.ceil(n / bs))
         opt = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        views = ViewAugmentation(max_shift=0, seed=self.seed)  # flips and quarter turns
         model.train()
-        step = 0
+        step, epoch = 0, 0
         while step < total:
-            order = torch.randperm(len(y), generator=gen)
-            for i in range(0, len(order) - bs + 1, bs):
+            order = epoch_permutation(self.seed, epoch, n)
+            for i in range(0, n - bs + 1, bs):
                 idx = order[i:i + bs]
-                xb = _augment(x_all[idx], gen).to(self.device)
+                xb = views(x_all[idx], index[idx.numpy()], epoch).to(self.device)
                 loss = F.cross_entropy(model(xb), y_all[idx].to(self.device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -149,11 +157,10 @@ class EndToEndClassifier:
                 step += 1
                 if step >= total:
                     break
+            epoch += 1
         if not math.isfinite(float(loss.detach())):
             raise CredannoError(f"end-to-end training of {self.arch} diverged (loss {loss}); "
                                 "lower --lr")
-        self.model_ = model.eval()
-        return self
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 512) -> np.ndarray:
         import torch

@@ -10,7 +10,7 @@
 - ``eval_transform``: :meth:`credanno.transforms.EvalTransform.to_dict` of the encoder's input;
 - training state: ``teacher_head``, ``student_head``, ``optimizer``, ``centre``, ``scaler``,
   ``metrics``, ``data_sha256``. No generator state: all randomness is counter-based
-  (:mod:`.rng`), so these are everything a bit-exact resume needs.
+  (:mod:`credanno.augment.rng`), so these are everything a bit-exact resume needs.
 
 Only tensors and plain Python values are stored, so the file loads with
 ``torch.load(weights_only=True)``.

@@ -8,10 +8,12 @@ Gaussian blur (p = 1.0 / 0.1 / 0.5 for global 1 / global 2 / local crops) and so
 nodule-centred patches (off by default): local crops kept near the centre, in-plane rotation,
 and crop 2 and the local crops taken from a second image (see :mod:`.nodule_views`).
 
-Randomness is *counter-based* (:mod:`.rng`): every random number is a hash of (run seed,
-epoch, image index, crop, parameter), computed with integer tensor ops. An image's crops
-therefore do not depend on the batch it lands in, on the device, or on the number of ranks,
-which makes distributed shards reproduce the single-process batch and resumes bit-exact.
+Randomness is *counter-based*, from the project's one augmentation RNG
+(:mod:`credanno.augment.rng`, shared with embed's views and the supervised baseline): every
+random number is a hash of (run seed, epoch, image index, crop, parameter), computed with
+integer tensor ops. An image's crops therefore do not depend on the batch it lands in, on
+the device, or on the number of ranks, which makes distributed shards reproduce the
+single-process batch and resumes bit-exact.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from credanno.pretrain.rng import crop_keys, uniforms
+from credanno.augment.rng import crop_keys, uniforms
 from credanno.transforms import LIDC_MEAN, LIDC_STD
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from credanno.pretrain.rng import mix64, uniforms
+from credanno.augment.rng import mix64, uniforms
 
 #: salt separating the partner draw from the crop draws of the same key
 _SALT = 0xBF58476D1CE4E5B9 - (1 << 64)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from credanno.augment.rng import derive_seed, epoch_permutation, sample_keys
 from credanno.errors import CredannoError
 from credanno.pretrain import distributed as D
 from credanno.pretrain.callbacks import Callback, ProgressBar
@@ -50,7 +51,6 @@ from credanno.pretrain.outputs import (
     existing,
     reconcile_outputs,
 )
-from credanno.pretrain.rng import derive_seed, epoch_permutation, sample_keys
 from credanno.pretrain.runs import check_resumable, has_checkpoint, make_run_dir, resolve_run_dir
 from credanno.pretrain.schedules import cosine_schedule, teacher_temperature_schedule
 from credanno.transforms import EvalTransform

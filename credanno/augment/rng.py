@@ -1,14 +1,20 @@
-"""Counter-based randomness of pretraining: every draw is a pure function of its coordinates.
+"""Counter-based randomness: every random draw of the project is a pure function of its coordinates.
 
-A random number is a hash (SplitMix64's finaliser) of (run seed, epoch, image index, crop,
-parameter), computed with integer tensor ops on the device. Nothing depends on hidden
-generator state, so an image's crops do not depend on the batch it lands in, on the device
-or on the number of ranks, and a resumed run draws exactly what an uninterrupted one would.
-These functions are pure and free of training code so that other augmentations can share
-them.
+A random number is a hash (SplitMix64's finaliser) of (seed, epoch or view, image index,
+crop or draw, parameter), computed with integer tensor ops on the device. Nothing depends on
+hidden generator state, so an image's draws do not depend on the batch it lands in, on the
+device or on the number of ranks, and a resumed run draws exactly what an uninterrupted one
+would. DINO's multi-crop (:mod:`credanno.pretrain.multicrop`), embed's stored views and the
+supervised baseline's views (:mod:`credanno.augment.views`) all draw from here.
+
+Code that cannot take a generator (timm's weight initialisation, drop path) runs under
+:func:`forked_seed`, which seeds the global generators only inside a ``fork_rng`` block.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -61,3 +67,25 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     """The same image order on every rank, a pure function of (seed, epoch)."""
     g = torch.Generator().manual_seed(derive_seed(seed, epoch, 0x5EED))
     return torch.randperm(n, generator=g)
+
+
+@contextlib.contextmanager
+def forked_seed(seed: int, device: torch.device | str | None = None) -> Iterator[None]:
+    """Run the block with torch's CPU generator (and ``device``'s, on CUDA) seeded by
+    ``seed``, and restore both afterwards.
+
+    For library code that draws from the global generator and takes no ``torch.Generator``
+    (timm's initialisation, dropout, drop path): its draws become a function of ``seed``
+    alone, and the caller's global random state is left as it was. Unlike
+    ``torch.manual_seed``, no other device's generator is touched (nor queued to be seeded
+    when CUDA starts).
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    cuda = []
+    if dev.type == "cuda":
+        cuda = [dev.index if dev.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(int(seed))
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(int(seed))
+        yield
