@@ -248,6 +248,10 @@ def timm_encoder(arg: str, *, weights=None, which: str = "teacher", image_size: 
                             "which": "random", "weights": None, "weights_sha256": None,
                             "sha256": None}
     name = f"timm-{arg}"
+    if weights is not None and str(weights).startswith("timm:"):
+        # the store records the weights file's sha256; a download has no file to hash
+        raise CredannoError(f"--weights takes a local file, not {weights}; download the "
+                            "weights elsewhere and pass --weights FILE")
     if weights is not None:
         wpath = Path(weights)
         report = load_weights(model, wpath, option="--weights", credanno_checkpoints=False)

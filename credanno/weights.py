@@ -106,7 +106,7 @@ def _read_file(path: Path, option: str) -> Any:
         # DINO's training checkpoints pickle their argparse.Namespace of arguments
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 -- only the read of the user's file is inside:
+    except Exception as exc:  # only the read of the user's file is inside:
         # torch's unpickler and safetensors raise many types (UnpicklingError, struct.error,
         # RuntimeError, SafetensorError, ...) for a file that is not theirs
         raise CredannoError(f"cannot read weights {path} ({type(exc).__name__}); pass a "
@@ -179,8 +179,9 @@ def load_into(model: nn.Module, state: State, *, source: str) -> LoadReport:
                             f"({'; '.join(problems)}); pass weights of the same architecture "
                             "and size, or the architecture and size options of the weights")
     if dropped:
-        warnings.warn(f"dropped {len(dropped)} head tensors of {source} that the encoder has "
-                      f"no place for ({_few(dropped)}); the backbone is loaded",
+        plural = "s" if len(dropped) != 1 else ""
+        warnings.warn(f"dropped {len(dropped)} head tensor{plural} of {source} that the model "
+                      f"has no place for ({_few(dropped)}); the backbone is loaded",
                       CredannoWarning, stacklevel=3)
     model.load_state_dict(fits, strict=False)
     adapted = [f"{k} {before[k]} -> {tuple(v.shape)}" for k, v in fits.items()
