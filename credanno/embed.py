@@ -149,12 +149,13 @@ def embed(data: str | os.PathLike = DEFAULT_PATCH_FILE,
           out: str | os.PathLike | None = None, batch_size: int = 256,
           device: str | None = None, views: int = 0, progress: bool = False, *,
           encoder_kwargs: dict[str, Any] | None = None, dtype: str = "float32",
-          view_seed: int = 0, max_shift: int = 2) -> Path:
+          view_seed: int = 0, max_shift: int = 2, normalise: str = "auto") -> Path:
     """Embed every image of the patch file ``data`` into a feature store; returns its path.
 
     With no encoder named, the newest ``credanno pretrain`` run's teacher is used (as DINO
     and the paper evaluate). ``encoder`` is ``"timm:ARCH"`` (random init, or ``weights``
-    from a local file; ``encoder_kwargs`` go to ``timm.create_model``) or ``"pixels"``.
+    from a local file; ``encoder_kwargs`` go to ``timm.create_model``; ``normalise`` picks its
+    input statistics, see :func:`credanno.encoders.build_encoder`) or ``"pixels"``.
     ``views=V`` also stores V augmented views of every training image
     (:class:`credanno.augment.views.ViewAugmentation`, drawn from ``(view_seed, view, row)``;
     the scheme is written to the store's provenance). The default output is
@@ -189,7 +190,7 @@ def embed(data: str | os.PathLike = DEFAULT_PATCH_FILE,
         raise CredannoError(f"{data} holds images of shape {images.shape[1:]}; embed needs "
                             "square patches")
     enc = build_encoder(spec, weights=weights, which=which, image_size=int(images.shape[1]),
-                        kwargs=encoder_kwargs)
+                        kwargs=encoder_kwargs, normalise=normalise)
     ranks = _init_ranks(dev)
     try:
         return _embed(enc, data, images, table, out, int(batch_size), ranks, int(views),

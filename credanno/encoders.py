@@ -6,7 +6,10 @@ Specs (timm-style registry, see :func:`register_encoder`):
   the teacher (DINO's and the paper's choice for features), the student, or ``random``
   (the same architecture, untrained: a baseline);
 - ``timm:ARCH`` -- any timm architecture, randomly initialised (seed 0) or loaded from a
-  local state-dict / safetensors file;
+  local state-dict / safetensors file (:func:`credanno.weights.load_weights`); loaded
+  weights are normalised with the model's timm ``pretrained_cfg`` mean/std (``ARCH.TAG``
+  picks a tag's, e.g. ``vit_small_patch16_224.dino``), random ones with the LIDC statistics;
+  ``normalise="lidc"`` / ``"model"`` overrides;
 - ``pixels`` -- the raw flattened patch, the no-learning baseline.
 
 Feature sets (the paper's evaluation, Sec. 3 and its public code):
@@ -31,11 +34,14 @@ import torch
 from torch import nn
 
 from credanno.errors import CredannoError
-from credanno.transforms import EvalTransform
+from credanno.transforms import LIDC_MEAN, LIDC_STD, EvalTransform
 
 #: The paper's evaluation input: 256 px resize before a 224 px centre crop (DINO's ratio).
 CROP_RATIO = 224 / 256
 N_LAST = 4
+#: ``normalise`` choices: ``auto`` (the model's statistics for loaded timm weights, LIDC's
+#: otherwise), ``model`` (the timm ``pretrained_cfg`` mean/std), ``lidc`` (the paper's).
+NORMALISE = ("auto", "model", "lidc")
 
 FeatureFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
@@ -152,14 +158,21 @@ def register_encoder(prefix: str) -> Callable[[EncoderFactory], EncoderFactory]:
 
 
 def build_encoder(spec: str, *, weights: str | os.PathLike | None = None, which: str = "teacher",
-                  image_size: int = 32, kwargs: dict[str, Any] | None = None) -> Encoder:
+                  image_size: int = 32, kwargs: dict[str, Any] | None = None,
+                  normalise: str = "auto") -> Encoder:
     """Build the frozen encoder named by ``spec`` (see the module docstring), in eval mode."""
     prefix, _, arg = spec.partition(":")
     if prefix not in ENCODERS:
         raise CredannoError(f"unknown encoder {spec!r}; use one of "
                             f"{', '.join(_SPEC_FORMS.get(p, p) for p in ENCODERS)}")
+    if normalise not in NORMALISE:
+        raise CredannoError(f"unknown --normalise {normalise!r}; choose one of "
+                            f"{', '.join(NORMALISE)}")
+    if normalise != "auto" and prefix != "timm":
+        raise CredannoError(f"--normalise {normalise} is for --encoder timm:ARCH; a checkpoint "
+                            "carries its own evaluation transform and pixels are not normalised")
     encoder = ENCODERS[prefix](arg, weights=weights, which=which, image_size=image_size,
-                               kwargs=dict(kwargs or {}))
+                               kwargs=dict(kwargs or {}), normalise=normalise)
     encoder.features.eval()
     for p in encoder.features.parameters():
         p.requires_grad_(False)
@@ -169,15 +182,19 @@ def build_encoder(spec: str, *, weights: str | os.PathLike | None = None, which:
 _SPEC_FORMS = {"checkpoint": "checkpoint:runs/NAME", "timm": "timm:ARCH", "pixels": "pixels"}
 
 
-def input_transform(input_size: int, image_size: int) -> EvalTransform:
+def input_transform(input_size: int, image_size: int,
+                    mean: float | tuple[float, ...] = LIDC_MEAN,
+                    std: float | tuple[float, ...] = LIDC_STD) -> EvalTransform:
     """The evaluation transform for an encoder taking ``input_size`` px inputs.
 
     Encoders at or below the patches' native size see them resized to their input;
     larger ones get the paper's upsample-then-centre-crop (256 -> 224 for 224 px input).
+    ``mean``/``std``: the LIDC statistics, or the model's own (one value per channel).
     """
     if input_size <= image_size:
-        return EvalTransform(resize=input_size, crop=input_size)
-    return EvalTransform(resize=int(round(input_size / CROP_RATIO)), crop=input_size)
+        return EvalTransform(resize=input_size, crop=input_size, mean=mean, std=std)
+    return EvalTransform(resize=int(round(input_size / CROP_RATIO)), crop=input_size,
+                         mean=mean, std=std)
 
 
 def model_input_size(model: nn.Module) -> int:
@@ -191,7 +208,7 @@ def model_input_size(model: nn.Module) -> int:
 
 @register_encoder("checkpoint")
 def checkpoint_encoder(arg: str, *, weights=None, which: str = "teacher", image_size: int = 32,
-                       kwargs: dict[str, Any]) -> Encoder:
+                       kwargs: dict[str, Any], normalise: str = "auto") -> Encoder:
     """A ``credanno pretrain`` encoder (teacher, student or random), with its eval transform."""
     from credanno.pretrain.checkpoint import latest_run, load_backbone
 
@@ -245,10 +262,11 @@ def _check_builds(model: nn.Module, arch: str, kwargs: dict[str, Any], input_siz
 
 @register_encoder("timm")
 def timm_encoder(arg: str, *, weights=None, which: str = "teacher", image_size: int = 32,
-                 kwargs: dict[str, Any]) -> Encoder:
+                 kwargs: dict[str, Any], normalise: str = "auto") -> Encoder:
     """Any timm architecture: random (seed 0) or weights from a local file."""
     from credanno.data.patchfile import file_sha256
     from credanno.pretrain.checkpoint import create_backbone
+    from credanno.weights import load_weights
 
     if not arg:
         raise CredannoError("--encoder timm needs an architecture: timm:ARCH, e.g. "
@@ -265,11 +283,16 @@ def timm_encoder(arg: str, *, weights=None, which: str = "teacher", image_size: 
                             "which": "random", "weights": None, "weights_sha256": None,
                             "sha256": None}
     name = f"timm-{arg}"
+    if weights is not None and str(weights).startswith("timm:"):
+        # the store records the weights file's sha256; a download has no file to hash
+        raise CredannoError(f"--weights takes a local file, not {weights}; download the "
+                            "weights elsewhere and pass --weights FILE")
     if weights is not None:
         wpath = Path(weights)
-        load_weights(model, wpath)
+        report = load_weights(model, wpath, option="--weights", credanno_checkpoints=False)
         sha = file_sha256(wpath)
-        prov.update(which="weights", weights=str(wpath), weights_sha256=sha, sha256=sha)
+        prov.update(which="weights", weights=str(wpath), weights_sha256=sha, sha256=sha,
+                    load=report.to_dict())
         name += f"-{wpath.stem}"
     else:
         name += "-random"
@@ -278,67 +301,38 @@ def timm_encoder(arg: str, *, weights=None, which: str = "teacher", image_size: 
     if kwargs:
         _check_builds(model, arg, kwargs, input_size)
     prov["name"] = name
-    return Encoder(name, feature_sets_for(model, input_size),
-                   input_transform(input_size, image_size), prov)
+    transform = _timm_transform(model, input_size, image_size, normalise,
+                                loaded=weights is not None, prov=prov)
+    return Encoder(name, feature_sets_for(model, input_size), transform, prov)
+
+
+def _timm_transform(model: nn.Module, input_size: int, image_size: int, normalise: str, *,
+                    loaded: bool, prov: dict[str, Any]) -> EvalTransform:
+    """The input transform of a timm encoder; records the normalisation in ``prov``.
+
+    Loaded (ImageNet) weights expect the statistics they were trained with, not LIDC's: the
+    model's timm ``pretrained_cfg`` has them. Random weights keep the LIDC statistics.
+    """
+    from credanno.weights import model_normalisation, pretrained_tag
+
+    mode = ("model" if loaded else "lidc") if normalise == "auto" else normalise
+    if mode == "lidc":
+        prov["normalise"] = "lidc"
+        return input_transform(input_size, image_size)
+    stats = model_normalisation(model)
+    if stats is None:
+        raise CredannoError(f"timm model {prov['arch']!r} has no pretrained_cfg mean/std; pass "
+                            "--normalise lidc")
+    prov.update(normalise="model", pretrained_cfg=pretrained_tag(model))
+    return input_transform(input_size, image_size, mean=stats[0], std=stats[1])
 
 
 @register_encoder("pixels")
 def pixel_encoder(arg: str, *, weights=None, which: str = "teacher", image_size: int = 32,
-                  kwargs: dict[str, Any]) -> Encoder:
+                  kwargs: dict[str, Any], normalise: str = "auto") -> Encoder:
     """The raw patch: a baseline that shows what the encoder adds."""
     if arg or weights is not None or kwargs:
         raise CredannoError("the pixels encoder takes no architecture, weights or options; "
                             "pass just --encoder pixels")
     prov = {"kind": "pixels", "name": "pixels", "arch": "pixels", "which": "pixels"}
     return Encoder("pixels", PixelFeatures(image_size), None, prov)
-
-
-_PREFIXES = ("module.", "backbone.", "_orig_mod.", "encoder.")
-
-
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a local state dict (``.pt``/``.pth``/``.bin``) or ``.safetensors`` into ``model``.
-
-    Wrapped dicts (``state_dict``, ``model``, DINO's ``teacher``) and DDP / DINO key prefixes
-    are unwrapped; classifier heads are ignored since the encoder has none.
-    """
-    if not path.exists():
-        raise CredannoError(f"weights file {path} not found; pass an existing --weights file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch/safetensors raise many types for foreign files
-        raise CredannoError(f"cannot read weights from {path} ({type(exc).__name__}); pass a "
-                            "state-dict .pt/.pth or a .safetensors file") from None
-    if isinstance(state, dict) and state.get("format") == "credanno.dino":
-        raise CredannoError(f"{path} is a credanno pretraining checkpoint; embed it with "
-                            f"--checkpoint {path} instead of --weights")
-    for key in ("state_dict", "model", "teacher"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise CredannoError(f"{path} holds no state dict of tensors; pass a model state dict")
-    cleaned = {}
-    for key, value in state.items():
-        for prefix in _PREFIXES:
-            if key.startswith(prefix):
-                key = key[len(prefix):]
-        if not key.startswith(("head.", "fc.", "classifier.")):
-            cleaned[key] = value
-    try:
-        missing, unexpected = model.load_state_dict(cleaned, strict=False)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = first[1].strip() if len(first) > 1 else first[0]
-        raise CredannoError(f"weights in {path} do not fit the architecture ({detail}); "
-                            "pass the matching timm:ARCH and size options") from None
-    if missing or unexpected:
-        what = (f"{len(missing)} missing keys (e.g. {missing[0]})" if missing
-                else f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        raise CredannoError(f"weights in {path} do not fit the architecture: {what}; pass the "
-                            "matching timm:ARCH and size options")

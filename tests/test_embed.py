@@ -49,9 +49,9 @@ def save_contract_checkpoint(path, epoch=3):
     return teacher, student
 
 
-def _reference_features(model, images):
+def _reference_features(model, images, transform=None):
     """cls / last4 computed by hand: final-norm CLS of the last (4) blocks."""
-    x = EvalTransform(resize=32, crop=32)(torch.from_numpy(images))
+    x = (transform or EvalTransform(resize=32, crop=32))(torch.from_numpy(images))
     with torch.no_grad():
         x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
         tokens = []
@@ -147,12 +147,16 @@ def test_timm_weights_files(tiny_patch_file, tmp_path):
     pt, st = tmp_path / "w.pt", tmp_path / "w.safetensors"
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, pt)
     save_file(model.state_dict(), str(st))
-    cls, _ = _reference_features(model, read_patch_file(tiny_patch_file).images)
+    # loaded weights are normalised with the model's own (pretrained_cfg) statistics
+    own = EvalTransform(32, 32, mean=tuple(model.pretrained_cfg["mean"]),
+                        std=tuple(model.pretrained_cfg["std"]))
+    cls, _ = _reference_features(model, read_patch_file(tiny_patch_file).images, own)
     for weights in (pt, st):
         path = embed(tiny_patch_file, encoder=f"timm:{ARCH}", weights=weights,
                      encoder_kwargs=TINY, out=tmp_path / f"{weights.suffix}.h5")
         with stores.open(path) as s:
             np.testing.assert_allclose(s.features(), cls, atol=1e-5)
+            assert EvalTransform.from_dict(s.provenance["transform"]) == own
             assert s.provenance["encoder"]["weights_sha256"] == file_sha256(weights)
     small = {**TINY, "embed_dim": 24}
     with pytest.raises(CredannoError, match="do not fit the architecture"):

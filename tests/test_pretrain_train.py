@@ -153,7 +153,7 @@ def test_init_weights_errors(small_patch_file, tmp_path, monkeypatch):
                              img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=2)
     path = tmp_path / "wide.pth"
     torch.save(wide.state_dict(), path)
-    cases = [(str(path), "do not fit the encoder.*(unexpected: blocks.1|wrong shape)"),
+    cases = [(str(path), "do not fit the architecture.*(unexpected: blocks.1|wrong shape)"),
              (str(tmp_path / "missing.pth"), "not found"),
              ("timm:vit_small_patch16_224.dino", "HF_HUB_OFFLINE")]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

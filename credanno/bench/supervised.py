@@ -11,7 +11,6 @@ On the CPU a ResNet-18 at the patches' native 32 px stands in for ResNet-50.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,36 +26,6 @@ from credanno.transforms import EvalTransform
 #: input sizes of the end-to-end baseline: below 8 px nothing is left to learn; the whole
 #: training set is resized at once, so 512 px (6 GB for the phantom) is the ceiling.
 CNN_MIN_SIZE, CNN_MAX_SIZE = 8, 512
-
-
-def load_init_weights(model, path: str | os.PathLike) -> int:
-    """Load a local weights file into ``model`` (classifier left out); returns tensors loaded.
-
-    Accepts a plain state dict, ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers, or
-    safetensors. Keys that do not fit (the ImageNet classifier) are skipped.
-    """
-    import torch
-
-    path = str(path)
-    if not os.path.exists(path):
-        raise CredannoError(f"init weights {path} not found; pass an existing local file")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "teacher"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    own = model.state_dict()
-    fitting = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
-    fitting = {k: v for k, v in fitting.items() if k in own and own[k].shape == v.shape}
-    if not fitting:
-        raise CredannoError(f"no tensor of {path} fits {type(model).__name__}; pass weights of "
-                            "the same architecture")
-    model.load_state_dict(fitting, strict=False)
-    return len(fitting)
 
 
 @dataclass
@@ -100,7 +69,10 @@ class EndToEndClassifier:
             raise CredannoError(f"cannot build timm model {self.arch!r} ({exc}); choose "
                                 "another --arch") from None
         if self.weights:
-            load_init_weights(model, self.weights)
+            from credanno.weights import load_weights
+
+            # the ImageNet classifier does not fit n_classes: dropped with a warning
+            load_weights(model, self.weights, option="weights")
         return model
 
     def fit(self, images: np.ndarray, y: np.ndarray) -> EndToEndClassifier:

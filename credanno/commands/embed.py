@@ -35,6 +35,11 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
               help="Instead of a checkpoint: timm:ARCH (random, or --weights FILE) or pixels.")
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Local state-dict / safetensors file for --encoder timm:ARCH.")
+@click.option("--normalise", type=click.Choice(["auto", "model", "lidc"]), default="auto",
+              show_default=True,
+              help="Input statistics for --encoder timm:ARCH: model (its timm pretrained_cfg "
+                   "mean/std; ARCH.TAG picks a tag's, e.g. vit_small_patch16_224.dino) or lidc "
+                   "(the paper's); auto = model with --weights, lidc for random weights.")
 @click.option("--encoder-option", "encoder_options", multiple=True, metavar="KEY=VALUE",
               help="timm.create_model option for --encoder timm:ARCH (repeatable), e.g. "
                    "img_size=32.")
@@ -53,7 +58,7 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
               help="Also store V augmented views of every training image (probe training).")
 @click.option("--float16", "half", is_flag=True, help="Store features as float16 (half size).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def embed(checkpoint: str | None, encoder: str | None, weights: Path | None,
+def embed(checkpoint: str | None, encoder: str | None, weights: Path | None, normalise: str,
           encoder_options: tuple[str, ...], which: str, data: Path | None, out: Path | None,
           batch_size: int, device: str | None, views: int, half: bool, quiet: bool) -> None:
     """Embed every patch with a frozen encoder into an HDF5 feature store.
@@ -68,7 +73,7 @@ def embed(checkpoint: str | None, encoder: str | None, weights: Path | None,
                      weights=weights, which=which, out=out, batch_size=batch_size,
                      device=device, views=views, progress=not quiet,
                      encoder_kwargs=_parse_options(encoder_options),
-                     dtype="float16" if half else "float32")
+                     dtype="float16" if half else "float32", normalise=normalise)
     if int(os.environ.get("RANK", "0")) == 0:
         with stores.open(path) as s:
             sets = ", ".join(f"{k} {s.dims[k]}-d" for k in s.feature_sets)

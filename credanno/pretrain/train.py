@@ -221,9 +221,9 @@ class Trainer:
             teacher_head = DINOHead(dim, **head_kw)
         self.init_report = None
         if cfg.init and not self.resuming:  # a resumed run has its weights already
-            from credanno.pretrain.init_weights import load_init_weights
+            from credanno.weights import load_weights
 
-            self.init_report = load_init_weights(student_bb, cfg.init)
+            self.init_report = load_weights(student_bb, cfg.init, option="--init").to_dict()
         self.student = MultiCropWrapper(student_bb, student_head).to(self.device)
         self.teacher = MultiCropWrapper(teacher_bb, teacher_head).to(self.device)
         self.teacher.load_state_dict(self.student.state_dict())
