@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 VALID_DEVICES = "cpu, cuda or cuda:N"
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
-AMP_MODES = ("auto", "bf16", "fp16", "none")
 
 
 # -- devices -------------------------------------------------------------------------------
@@ -232,7 +231,7 @@ def autocast_dtype(amp: str, device_type: str,
         if device_type != "cuda":
             raise CredannoError("fp16 autocast needs a GPU; use amp = \"bf16\" or \"none\" on CPU")
         return torch.float16
-    raise CredannoError(f"unknown amp mode {amp!r}; choose {', '.join(AMP_MODES)}")
+    raise CredannoError(f"unknown amp mode {amp!r}; choose auto, bf16, fp16 or none")
 
 
 def autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
