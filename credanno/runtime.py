@@ -8,7 +8,7 @@ One home for what every stage asks of the machine, so each decision is made one 
   when torch sees a GPU, else ``cpu``.
 - processes: :class:`DistEnv` from :func:`init_distributed` (the ``torchrun`` process group,
   NCCL on GPUs, Gloo on CPUs) and :func:`cleanup`, with the few collectives pretraining and
-  ``credanno embed`` use; nothing else imports ``torch.distributed``.
+  ``credanno embed`` use; no other module creates or destroys a process group.
 - precision: :func:`autocast_dtype` maps an ``amp`` setting and a device to an autocast
   dtype (or none), :func:`autocast` enters it.
 - threads: :func:`cpu_threads` limits torch's intra-op pool and the native BLAS/OpenMP
