@@ -13,7 +13,6 @@ Run: ``python benchmarks/embed_throughput.py [--quick]``.
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from credanno import runtime
 from credanno.data.patchfile import write_patch_file
 from credanno.embed import embed
 from credanno.encoders import build_encoder
@@ -37,8 +37,7 @@ def _preset_encoder() -> tuple[str, dict]:
 def _forward_rate(spec: str, kwargs: dict, images: torch.Tensor, batch_size: int,
                   device: torch.device, repeat: int) -> float:
     enc = build_encoder(spec, kwargs=kwargs).to(device)
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-           else contextlib.nullcontext())
+    amp = runtime.autocast(device.type, runtime.autocast_dtype("auto", device.type))
     best = float("inf")
     with torch.no_grad(), amp:
         enc(images[:batch_size].to(device))  # warm-up (kernels, allocator)
@@ -66,7 +65,7 @@ def run(quick: bool = False) -> list[dict]:
     n = 512 if quick else 2048
     table = synthetic_table(n_nodules=n // 4, per_nodule=4, seed=0)
     raw = synthetic_images(table)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(runtime.default_device())
     spec, kwargs = _preset_encoder()
     rows = []
     with tempfile.TemporaryDirectory(prefix="credanno-bench-") as tmp:

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from credanno import runtime
 from credanno.data.patchfile import write_patch_file
-from credanno.pretrain import distributed as D
 from credanno.pretrain.config import load_config
 from credanno.pretrain.train import Trainer
 from credanno.synthetic import synthetic_images, synthetic_table
@@ -68,7 +68,7 @@ def _images_per_s(trainer: Trainer, steps: int, warmup: int) -> float:
 
 
 def run(quick: bool = False, preset: str | None = None, compile: bool = False) -> list[dict]:
-    cuda = torch.cuda.is_available()
+    cuda = runtime.default_device() == "cuda"
     preset = preset or ("paper" if cuda else "cpu-tiny")
     steps, warmup = (3, 1) if quick else ((20, 5) if cuda else (8, 2))
     rows = []
@@ -76,10 +76,10 @@ def run(quick: bool = False, preset: str | None = None, compile: bool = False) -
         data = _patch_file(Path(tmp))
         base = {"data": str(data), "out": str(Path(tmp) / "run"), "device": None}
         fast_cfg = load_config(preset, overrides={**base, "compile": compile and cuda})
-        fast = Trainer(fast_cfg, D.DistEnv(device=D.resolve_device(None)))
+        fast = Trainer(fast_cfg, runtime.DistEnv(device=runtime.torch_device(None)))
         value = _images_per_s(fast, steps, warmup)
         ref_cfg = load_config(preset, overrides={**base, "amp": "none"})
-        ref = Trainer(ref_cfg, D.DistEnv(device=D.resolve_device(None)))
+        ref = Trainer(ref_cfg, runtime.DistEnv(device=runtime.torch_device(None)))
         ref.multicrop = _PerImage(ref.multicrop)
         if cuda:
             ref.optimizer = torch.optim.AdamW(ref.optimizer.param_groups, fused=False)

@@ -120,6 +120,7 @@ def run_demo(out: str | os.PathLike = "demo", seeds: int | Sequence[int] = 3,
     from credanno.embed import embed
     from credanno.errors import CredannoError
     from credanno.pretrain import load_config, pretrain
+    from credanno.runtime import resolve_device
     from credanno.viz import save_figure, tsne_figure, tsne_map
 
     out = Path(out)
@@ -131,7 +132,7 @@ def run_demo(out: str | os.PathLike = "demo", seeds: int | Sequence[int] = 3,
         raise CredannoError("the demo needs at least one seed; pass --seeds 1 or more")
     writable_folder(out)  # fail now, not after minutes of pretraining
     figures_dir, tables_dir, stores_dir = out / "figures", out / "tables", out / "stores"
-    dev = device or _default_device()
+    dev = resolve_device(device)  # fails now, not after the patch file and pretraining
     st = _Stages(8, on_stage)
     cached: dict[str, bool] = {}
 
@@ -251,12 +252,6 @@ def run_demo(out: str | os.PathLike = "demo", seeds: int | Sequence[int] = 3,
     return DemoResult(out=out, report=report, stores=store_paths, figures=figures,
                       tables={"table1": t1, "fig2": f2, "fig4": f4}, timings=st.timings,
                       cached=cached, warnings=st.warnings)
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _compare_figure(maps: dict, caption_source: str):

@@ -9,60 +9,22 @@ in the same order, so the store equals the single-process one.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from credanno import stores
+from credanno import runtime, stores
 from credanno.augment.views import ViewAugmentation
-from credanno.data.patchfile import file_sha256, read_patch_file
+from credanno.data.patchfile import PatchSet, file_sha256, read_patch_file
 from credanno.encoders import Encoder, build_encoder
 from credanno.errors import CredannoError
 from credanno.paths import DEFAULT_PATCH_FILE, STORES_DIR
 
 WHICH = ("teacher", "student", "random")
-
-
-@dataclass
-class _Ranks:
-    rank: int = 0
-    world: int = 1
-    owns_group: bool = False
-    device: torch.device = torch.device("cpu")
-
-
-def _init_ranks(device: torch.device) -> _Ranks:
-    """Join the ``torchrun`` process group if there is one (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Ranks(device=device)
-    import torch.distributed as dist
-
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    owns = False
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        owns = True
-    return _Ranks(dist.get_rank(), dist.get_world_size(), owns, device)
-
-
-def _resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CredannoError("--device cuda was asked for but no CUDA GPU is visible; "
-                            "use --device cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise CredannoError(f"unknown device {device!r}; use cpu or cuda") from None
 
 
 def _encoder_spec(checkpoint: str | os.PathLike | None, encoder: str | None) -> str:
@@ -71,13 +33,6 @@ def _encoder_spec(checkpoint: str | os.PathLike | None, encoder: str | None) -> 
     if encoder is not None:
         return encoder
     return f"checkpoint:{checkpoint}" if checkpoint is not None else "checkpoint:"
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    # bf16 keeps fp32's range, so no loss scaling; features are cast back to fp32.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
@@ -131,9 +86,10 @@ class _Packer:
 
 
 def _encode_batch(enc: Encoder, images: torch.Tensor, rows: np.ndarray, train: np.ndarray,
-                  n_views: int, augment: ViewAugmentation, device: torch.device
+                  n_views: int, augment: ViewAugmentation, device: torch.device,
+                  amp: torch.dtype | None
                   ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), runtime.autocast(device.type, amp):
         feats = enc(images)
         views = None
         if n_views and train.any():
@@ -143,64 +99,87 @@ def _encode_batch(enc: Encoder, images: torch.Tensor, rows: np.ndarray, train: n
     return feats, views
 
 
+@dataclass(frozen=True)
+class EmbedSpec:
+    """How :func:`embed` runs, apart from which encoder and which files.
+
+    ``dtype`` is the stored features' type (``float16`` halves the store); ``views``,
+    ``view_seed`` and ``max_shift`` set the stored augmented views (:class:`ViewAugmentation`).
+    """
+
+    batch_size: int = 256
+    device: str | None = None
+    views: int = 0
+    progress: bool = False
+    dtype: str = "float32"
+    view_seed: int = 0
+    max_shift: int = 2
+
+    def checked(self) -> EmbedSpec:
+        """The spec with its counts checked and made ints (one-line errors)."""
+        if int(self.batch_size) < 1:
+            raise CredannoError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if int(self.views) < 0:
+            raise CredannoError(f"--views must be >= 0, got {self.views}")
+        runtime.check_device(self.device)
+        return replace(self, batch_size=int(self.batch_size), views=int(self.views))
+
+    def augmentation(self) -> ViewAugmentation:
+        return ViewAugmentation(max_shift=self.max_shift, seed=self.view_seed)
+
+
 def embed(data: str | os.PathLike = DEFAULT_PATCH_FILE,
           checkpoint: str | os.PathLike | None = None, encoder: str | None = None,
           weights: str | os.PathLike | None = None, which: str = "teacher",
-          out: str | os.PathLike | None = None, batch_size: int = 256,
-          device: str | None = None, views: int = 0, progress: bool = False, *,
-          encoder_kwargs: dict[str, Any] | None = None, dtype: str = "float32",
-          view_seed: int = 0, max_shift: int = 2, normalise: str = "auto") -> Path:
+          out: str | os.PathLike | None = None, spec: EmbedSpec | None = None, *,
+          encoder_kwargs: dict[str, Any] | None = None, normalise: str = "auto",
+          **options: Any) -> Path:
     """Embed every image of the patch file ``data`` into a feature store; returns its path.
 
     With no encoder named, the newest ``credanno pretrain`` run's teacher is used (as DINO
     and the paper evaluate). ``encoder`` is ``"timm:ARCH"`` (random init, or ``weights``
-    from a local file; ``encoder_kwargs`` go to ``timm.create_model``; ``normalise`` picks its
-    input statistics, see :func:`credanno.encoders.build_encoder`) or ``"pixels"``.
-    ``views=V`` also stores V augmented views of every training image
-    (:class:`credanno.augment.views.ViewAugmentation`, drawn from ``(view_seed, view, row)``;
-    the scheme is written to the store's provenance). The default output is
-    ``stores/<run-or-encoder name>.h5`` (with the patch file's name appended when it is not
-    the default one).
+    from a local file; ``encoder_kwargs`` go to ``timm.create_model``) or ``"pixels"``.
+    How it runs is an :class:`EmbedSpec`, given as ``spec`` or as its fields by keyword
+    (``batch_size=64, device="cpu", views=2, progress=True``; they override ``spec``).
+    ``normalise`` picks a timm model's input statistics (see
+    :func:`credanno.encoders.build_encoder`). ``views=V`` also stores V augmented views of
+    every training image (:class:`credanno.augment.views.ViewAugmentation`, drawn from
+    ``(view_seed, view, row)``; the scheme is written to the store's provenance). The
+    default output is ``stores/<run-or-encoder name>.h5`` (with the patch file's name
+    appended when it is not the default one).
     """
+    spec = replace(spec or EmbedSpec(), **options)  # an unknown keyword is a TypeError
     if which not in WHICH:
         raise CredannoError(f"unknown --which {which!r}; choose one of {', '.join(WHICH)}")
-    if int(batch_size) < 1:
-        raise CredannoError(f"--batch-size must be >= 1, got {batch_size}")
-    if int(views) < 0:
-        raise CredannoError(f"--views must be >= 0, got {views}")
-    spec = _encoder_spec(checkpoint, encoder)
-    if not spec.startswith("checkpoint:") and (
+    spec = spec.checked()
+    source = _encoder_spec(checkpoint, encoder)
+    if not source.startswith("checkpoint:") and (
             which == "student" or (which == "random" and weights is not None)):
         raise CredannoError(f"--which {which} applies to --checkpoint encoders; timm:ARCH is "
                             "random without --weights and loaded with it")
-    dev = _resolve_device(device)
+    runtime.resolve_device(spec.device)  # before the patch file is read: a typo costs nothing
     data = Path(data)
     patches = read_patch_file(data)
     images, table = patches.images, patches.table
-    if int(batch_size) > len(table) > 0:  # a batch beyond the data only allocates padding
-        if int(batch_size) > 256:  # not the default on a small file
+    if spec.batch_size > len(table) > 0:  # a batch beyond the data only allocates padding
+        if spec.batch_size > 256:  # not the default on a small file
             import warnings
 
             from credanno.errors import CredannoWarning
 
-            warnings.warn(f"--batch-size {batch_size} is larger than the {len(table)} images; "
-                          f"using {len(table)}", CredannoWarning, stacklevel=2)
-        batch_size = len(table)
+            warnings.warn(f"--batch-size {spec.batch_size} is larger than the {len(table)} "
+                          f"images; using {len(table)}", CredannoWarning, stacklevel=2)
+        spec = replace(spec, batch_size=len(table))
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise CredannoError(f"{data} holds images of shape {images.shape[1:]}; embed needs "
                             "square patches")
-    enc = build_encoder(spec, weights=weights, which=which, image_size=int(images.shape[1]),
+    enc = build_encoder(source, weights=weights, which=which, image_size=int(images.shape[1]),
                         kwargs=encoder_kwargs, normalise=normalise)
-    ranks = _init_ranks(dev)
+    env = runtime.init_distributed(spec.device)
     try:
-        return _embed(enc, data, images, table, out, int(batch_size), ranks, int(views),
-                      progress, dtype, ViewAugmentation(max_shift=max_shift, seed=view_seed),
-                      source=patches.attrs.get("source"))
+        return _embed(enc, data, patches, out, spec, env)
     finally:
-        if ranks.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        runtime.cleanup(env)
 
 
 def _default_out(enc: Encoder, data: Path) -> Path:
@@ -210,53 +189,50 @@ def _default_out(enc: Encoder, data: Path) -> Path:
     return STORES_DIR / f"{name}.h5"
 
 
-def _embed(enc: Encoder, data: Path, images: np.ndarray, table: Any, out: Any,
-           batch_size: int, ranks: _Ranks, n_views: int, progress: bool, dtype: str,
-           augment: ViewAugmentation, source: str | None = None) -> Path:
-    dev = ranks.device
+def _embed(enc: Encoder, data: Path, patches: PatchSet, out: Any, spec: EmbedSpec,
+           env: runtime.DistEnv) -> Path:
+    dev, images, table = env.device, patches.images, patches.table
+    batch_size, n_views, augment = spec.batch_size, spec.views, spec.augmentation()
+    # bf16 where the GPU has it (fp32's range, so no loss scaling); features are cast to
+    # fp32 when packed
+    amp = runtime.autocast_dtype("auto", dev.type)
     out = Path(out) if out is not None else _default_out(enc, data)
     enc.to(dev)
     n = len(table)
     train = table["split"].astype(str).to_numpy() == "train"
     batches = _batches(n, batch_size)
-    precision = "bf16-autocast" if dev.type == "cuda" else "fp32"
     provenance = {
         "encoder": enc.provenance,
         # the source travels with the store, so outputs can say phantom vs real CT
         # even after the patch file has moved
         "patch_file": {"path": str(data), "sha256": file_sha256(data), "n_images": n,
-                       "image_size": int(images.shape[1]), "source": source},
+                       "image_size": int(images.shape[1]), "source": patches.attrs.get("source")},
         "transform": enc.transform.to_dict() if enc.transform is not None else None,
         "feature_sets": enc.definitions,
         "views": ({"n": n_views, "augmentation": augment.to_dict(), "rows": "train"}
                   if n_views else None),
-        "precision": precision,
+        "precision": runtime.precision_label(amp),
     }
     packer = _Packer(enc.feature_sets, n_views, batch_size)
     comm_dev = dev if dev.type == "cuda" else torch.device("cpu")
-    writer = (stores.create(out, table, enc.feature_sets, provenance, dtype=dtype,
-                            views=n_views) if ranks.rank == 0 else None)
+    writer = (stores.create(out, table, enc.feature_sets, provenance, dtype=spec.dtype,
+                            views=n_views) if env.is_main else None)
     from tqdm.auto import tqdm
 
     bar = tqdm(total=n, unit="img", desc=f"embed {enc.name}",
-               disable=not progress or ranks.rank != 0)
+               disable=not spec.progress or not env.is_main)
     try:
-        for first in range(0, len(batches), ranks.world):  # one batch per rank per round
-            mine = first + ranks.rank
+        for first in range(0, len(batches), env.world_size):  # one batch per rank a round
+            mine = first + env.rank
             packed = torch.zeros(batch_size, packer.width, device=comm_dev)
             if mine < len(batches):
                 a, b = batches[mine]
                 rows = np.arange(a, b)
                 x = torch.from_numpy(images[a:b]).to(dev, non_blocking=True)
-                feats, views = _encode_batch(enc, x, rows, train[a:b], n_views, augment, dev)
+                feats, views = _encode_batch(enc, x, rows, train[a:b], n_views, augment, dev,
+                                             amp)
                 packed = packer.pack(feats, views, train[a:b], comm_dev)
-            if ranks.world > 1:
-                import torch.distributed as dist
-
-                gathered = [torch.empty_like(packed) for _ in range(ranks.world)]
-                dist.all_gather(gathered, packed)
-            else:
-                gathered = [packed]
+            gathered = runtime.all_gather(packed, env)
             if writer is None:
                 continue
             for r, block in enumerate(gathered):
@@ -276,8 +252,5 @@ def _embed(enc: Encoder, data: Path, images: np.ndarray, table: Any, out: Any,
         raise
     finally:
         bar.close()
-    if ranks.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()  # every rank returns only once the store exists
+    runtime.barrier(env)  # every rank returns only once the store exists
     return out

@@ -198,7 +198,7 @@ def test_embed_errors(tiny_patch_file, tmp_path, monkeypatch, capsys):
     with pytest.raises(CredannoError, match="patch file .* not found"):
         embed(tmp_path / "none.h5", encoder="pixels")
     if not torch.cuda.is_available():
-        with pytest.raises(CredannoError, match="no CUDA GPU"):
+        with pytest.raises(CredannoError, match="torch sees no GPU"):
             embed(tiny_patch_file, encoder="pixels", device="cuda")
     with pytest.raises(SystemExit) as info:
         main(["embed", "--encoder", "pixels", "--data", str(tiny_patch_file),

@@ -14,7 +14,7 @@ from credanno.pretrain.loss import DINOLoss
 from credanno.pretrain.multicrop import CropSpec, MultiCrop
 from credanno.pretrain.nodule_views import SameNoduleViews
 from credanno.pretrain.schedules import cosine_schedule, teacher_temperature_schedule
-from credanno.pretrain.train import clip_per_parameter, ema_update, param_groups, select_amp_dtype
+from credanno.pretrain.train import clip_per_parameter, ema_update, param_groups
 
 
 def test_cosine_schedule_warmup_and_ends():
@@ -187,17 +187,6 @@ def test_param_groups_clip_and_ema():
     t, s = [torch.ones(2)], [torch.zeros(2)]
     ema_update(t, s, 0.9)
     assert torch.allclose(t[0], torch.full((2,), 0.9))
-
-
-def test_amp_dtype_selection():
-    assert select_amp_dtype("auto", "cuda", bf16_supported=True) is torch.bfloat16
-    assert select_amp_dtype("auto", "cuda", bf16_supported=False) is None
-    assert select_amp_dtype("auto", "cpu") is None
-    assert select_amp_dtype("bf16", "cpu") is torch.bfloat16
-    assert select_amp_dtype("fp16", "cuda", bf16_supported=True) is torch.float16
-    assert select_amp_dtype("none", "cuda", bf16_supported=True) is None
-    with pytest.raises(CredannoError, match="needs a GPU"):
-        select_amp_dtype("fp16", "cpu")
 
 
 def test_presets_and_overrides(tmp_path):

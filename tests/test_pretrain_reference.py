@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from credanno.data.patchfile import write_patch_file
-from credanno.pretrain import distributed as D
 from credanno.pretrain import load_config
 from credanno.pretrain.loss import DINOLoss
 from credanno.pretrain.schedules import cosine_schedule, teacher_temperature_schedule
 from credanno.pretrain.train import Trainer
+from credanno.runtime import DistEnv
 from credanno.synthetic import synthetic_images, synthetic_table
 
 # -- references ---------------------------------------------------------------------------
@@ -182,7 +182,7 @@ def trainer(tmp_path_factory):
     write_patch_file(folder / "p.h5", synthetic_images(table), table, {"source": "synthetic"})
     cfg = load_config("cpu-tiny", overrides={**TINY, "data": str(folder / "p.h5"),
                                              "out": str(folder / "run")})
-    return Trainer(cfg, D.DistEnv())
+    return Trainer(cfg, DistEnv())
 
 
 def test_trainer_schedules_are_the_reference_ones(trainer):

@@ -12,11 +12,11 @@ import torch
 
 from credanno.data.patchfile import write_patch_file
 from credanno.errors import CredannoError
-from credanno.pretrain import distributed as D
 from credanno.pretrain import load_config, pretrain
 from credanno.pretrain import train as train_mod
 from credanno.pretrain.callbacks import Callback
 from credanno.pretrain.checkpoint import latest_run, load_backbone, read_checkpoint
+from credanno.runtime import DistEnv
 from credanno.synthetic import synthetic_images, synthetic_table
 
 #: A 1-block, 32-wide ViT with a 16-prototype head: a step takes milliseconds.
@@ -75,7 +75,7 @@ def test_run_writes_the_checkpoint_contract(small_patch_file, tmp_path):
     assert not torch.equal(random.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
     assert not torch.equal(student.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
     # the teacher followed the student (EMA) away from their common initial weights
-    init = train_mod.Trainer(tiny_config(small_patch_file, tmp_path / "init"), D.DistEnv())
+    init = train_mod.Trainer(tiny_config(small_patch_file, tmp_path / "init"), DistEnv())
     assert torch.equal(init.teacher.backbone.blocks[0].attn.qkv.weight,
                        init.student.backbone.blocks[0].attn.qkv.weight)
     assert not torch.equal(model.blocks[0].attn.qkv.weight,
@@ -136,7 +136,7 @@ def test_init_weights_both_layouts_interpolated_no_training_state(small_patch_fi
     sd, dino, safet = _save_layouts(tmp_path, img_size=64)   # 8x8 grid -> 4x4 grid at 32 px
     for i, weights in enumerate((dino, safet)):
         cfg = tiny_config(small_patch_file, tmp_path / f"run{i}", init=str(weights), epochs=1)
-        trainer = train_mod.Trainer(cfg, train_mod.D.DistEnv())
+        trainer = train_mod.Trainer(cfg, DistEnv())
         bb = trainer.student.backbone
         assert torch.equal(bb.blocks[0].attn.qkv.weight, sd["blocks.0.attn.qkv.weight"])
         assert bb.pos_embed.shape == (1, 17, 32) and sd["pos_embed"].shape == (1, 65, 32)
@@ -227,7 +227,7 @@ def test_monitor_reports_knn_on_training_holdout(tmp_path):
     assert last["knn_malignancy_acc"] == pytest.approx(np.mean(preds == labels[queries]),
                                                        abs=1e-12)
     # a k above the bank size is clamped to it, and the row says so
-    trainer = train_mod.Trainer(tiny_config(data, tmp_path / "k", monitor_k=1000), D.DistEnv())
+    trainer = train_mod.Trainer(tiny_config(data, tmp_path / "k", monitor_k=1000), DistEnv())
     monitor = KnnMonitor()
     monitor.on_train_start(trainer, 0)
     assert monitor.measure(trainer)["knn_k"] == len(monitor.bank) < 1000
@@ -264,7 +264,7 @@ def test_freeze_last_layer_really_freezes_the_prototypes(small_patch_file, tmp_p
     the other weights train, and the prototypes move once released."""
     cfg = tiny_config(small_patch_file, tmp_path / "run", freeze_last_layer=freeze)
     spy = _Snapshots()
-    trainer = train_mod.Trainer(cfg, D.DistEnv(),
+    trainer = train_mod.Trainer(cfg, DistEnv(),
                                 callbacks=[*train_mod.default_callbacks(cfg), spy])
     trainer.run()
     (init, after1, after2), rest = spy.last, spy.rest

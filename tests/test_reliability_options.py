@@ -154,7 +154,7 @@ def test_library_rejects_what_the_cli_rejects(syn):
 def test_device_resolver():
     import torch
 
-    from credanno.devices import check_device, resolve_device
+    from credanno.runtime import check_device, resolve_device
 
     assert check_device(None) is None and check_device("CUDA:1") == "cuda:1"
     assert resolve_device("cpu") == "cpu"

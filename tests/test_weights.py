@@ -175,9 +175,10 @@ class _Called(Exception):
 
 def test_embed_pretrain_and_the_supervised_baseline_share_the_loader(tiny_patch_file, tmp_path,
                                                                      monkeypatch):
+    from credanno import runtime
     from credanno.bench.supervised import EndToEndClassifier
     from credanno.encoders import build_encoder
-    from credanno.pretrain import distributed, load_config
+    from credanno.pretrain import load_config
     from credanno.pretrain.train import Trainer
 
     calls = []
@@ -197,5 +198,5 @@ def test_embed_pretrain_and_the_supervised_baseline_share_the_loader(tiny_patch_
                                              "out": str(tmp_path / "run"), "device": "cpu",
                                              "model_kwargs": SMALL})
     with pytest.raises(_Called):
-        Trainer(cfg, distributed.DistEnv())
+        Trainer(cfg, runtime.DistEnv())
     assert calls == [("a.pth", "--weights"), ("b.pth", "weights"), ("c.pth", "--init")]

@@ -175,8 +175,8 @@ def run_fig4(store: str | os.PathLike | None = None, fracs: Sequence[float] = FI
     """
     from credanno import checks, stores
     from credanno.bench.supervised import EndToEndClassifier
-    from credanno.devices import resolve_device
     from credanno.eval import knn_sweep, probe_sweep
+    from credanno.runtime import resolve_device
     from credanno.viz.tsne import resolve_store
 
     # every setting is checked before the k-NN and probes run, so none of their work is lost

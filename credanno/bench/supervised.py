@@ -19,8 +19,8 @@ import numpy as np
 from credanno import checks
 from credanno.augment.rng import epoch_permutation, forked_seed
 from credanno.augment.views import ViewAugmentation
-from credanno.devices import check_device
 from credanno.errors import CredannoError
+from credanno.runtime import check_device
 from credanno.transforms import EvalTransform
 
 #: input sizes of the end-to-end baseline: below 8 px nothing is left to learn; the whole

@@ -171,8 +171,8 @@ def run_table1(store: str | os.PathLike | None = None, seeds: Sequence[int] = (0
                progress: bool = False) -> Table1Result:
     """Run the paper's Table 1 configurations on a store over ``seeds``."""
     from credanno import checks, stores
-    from credanno.devices import resolve_device
     from credanno.eval import knn_sweep, probe_sweep
+    from credanno.runtime import resolve_device
     from credanno.viz.tsne import resolve_store
 
     # checked before the k-NN runs, so that a bad probe setting does not waste it

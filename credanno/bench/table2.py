@@ -128,8 +128,8 @@ def run_table2(data: str | os.PathLike, out: str | os.PathLike, seeds: Sequence[
     from credanno import checks
     from credanno.bench.supervised import EndToEndClassifier
     from credanno.data.patchfile import read_patch_file
-    from credanno.devices import resolve_device
     from credanno.pretrain import load_config
+    from credanno.runtime import resolve_device
     from credanno.viz.source import describe_source
 
     # every row catches CredannoError as "not run": settings are checked before any row

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from credanno import checks
-from credanno.devices import VALID_DEVICES, check_device
+from credanno.runtime import VALID_DEVICES, check_device
 
 
 def _option(param: click.Parameter | None) -> str:

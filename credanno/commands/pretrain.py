@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from credanno.commands._types import DEVICE
+
 
 @click.command("pretrain")
 @click.option("--preset", default=None,
@@ -23,7 +25,8 @@ import click
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run folder (default runs/<preset>-<time>); resumes if it has a checkpoint.")
 @click.option("--seed", type=int, default=None)
-@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if present).")
+@click.option("--device", type=DEVICE, default=None,
+              help="cpu, cuda or cuda:N (default: cuda if present).")
 @click.option("--init", "init", default=None,
               help="Start from ImageNet weights: a DINO/timm file, or timm:NAME (online).")
 @click.option("--monitor-every", type=int, default=None,

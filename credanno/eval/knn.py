@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from credanno import checks
-from credanno.devices import check_device
 from credanno.errors import CredannoError, CredannoWarning
 from credanno.labels import label_spec
+from credanno.runtime import check_device
 
 #: weighting name -> function(similarities (nq, K) sorted descending, T) -> weights (nq, K).
 WEIGHTINGS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {}
@@ -88,10 +88,13 @@ _GPU_RES = None
 
 
 def _use_gpu(faiss, device: str | None) -> bool:
-    if device == "cpu":
+    # the device name is read as everywhere else (credanno.runtime); whether faiss itself
+    # has a GPU is its own question: a CPU-only faiss wheel beside a CUDA torch is common
+    name = check_device(device)
+    if name == "cpu":
         return False
     has = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    if device is not None and device.startswith("cuda") and not has:
+    if name is not None and not has:
         raise CredannoError("faiss sees no GPU; install faiss-gpu or pass --device cpu")
     return has
 

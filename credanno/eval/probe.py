@@ -37,6 +37,7 @@ import pandas as pd
 from credanno import checks
 from credanno.errors import CredannoError, CredannoWarning
 from credanno.labels import LABEL_NAMES, label_spec
+from credanno.runtime import cpu_threads, resolve_device
 
 #: The paper's probe recipe (section 3, "Training settings").
 PAPER_LR_FULL = 5e-4
@@ -189,24 +190,21 @@ def train_joint_heads(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, train_ro
     sample then draws one view per visit. ``val_rows[c]`` enables per-head selection of
     the best epoch on those rows (the paper's +/-1 accuracy for attributes).
 
-    ``num_threads``: torch CPU threads during training (restored afterwards; None = leave
-    torch's setting). One by default: a step's matrices are small, so intra-op threads
-    gain little and their spin-waiting collapses on a shared or oversubscribed machine
-    (measured 15x slower with 2 threads on a busy 2-core host).
+    ``num_threads``: CPU threads during training (torch's and the BLAS pools, see
+    :func:`credanno.runtime.cpu_threads`; restored afterwards; None = leave the settings).
+    One by default: a step's matrices are small, so intra-op threads gain little and
+    their spin-waiting collapses on a shared or oversubscribed machine (measured 15x
+    slower with 2 threads on a busy 2-core host).
     """
     import torch
 
     if num_threads is not None and not str(device).startswith("cuda"):
-        saved = torch.get_num_threads()
-        torch.set_num_threads(int(num_threads))
-        try:
+        with cpu_threads(num_threads):
             return train_joint_heads(X, Y, layout, train_rows, epochs=epochs, lr=lr,
                                      batch_size=batch_size, momentum=momentum, seeds=seeds,
                                      device=device, views=views, val_rows=val_rows,
                                      standardize=standardize, init_std=init_std,
                                      progress=progress, num_threads=None)
-        finally:
-            torch.set_num_threads(saved)
 
     epochs = checks.count(epochs, "--epochs")
     n, D = X.shape
@@ -509,7 +507,7 @@ def probe_sweep_arrays(train_x: np.ndarray, train_table: pd.DataFrame, test_x: n
         lr = check_lr(lr)
     checks.count(epochs, "--epochs")
     batch_size = _clamp_batch(batch_size, len(train_x))
-    device = _check_device(device)
+    device = resolve_device(device)
     seeds = checks.seeds([seeds] if np.isscalar(seeds) else seeds)
     if labels is None:
         labels = [n for n in LABEL_NAMES if n in train_table.columns]
@@ -560,12 +558,6 @@ def probe_sweep_arrays(train_x: np.ndarray, train_table: pd.DataFrame, test_x: n
     return build_result(configs, test_table, labels, n_boot=n_boot, config=cfg)
 
 
-def _check_device(device: str | None) -> str:
-    from credanno.devices import resolve_device
-
-    return resolve_device(device)
-
-
 def probe_sweep(store_or_path=None, fracs: Sequence[float] | float = (1.0,),
                 seeds: Sequence[int] | int = (0,), labels: Sequence[str] | str | None = None,
                 kind: str | None = "last4", epochs: int = 100, lr: float | None = None,
@@ -589,7 +581,7 @@ def probe_sweep(store_or_path=None, fracs: Sequence[float] | float = (1.0,),
         check_lr(lr)
     checks.count(epochs, "--epochs")
     checks.count(batch_size, "--batch-size")
-    device = _check_device(device)
+    device = resolve_device(device)
     checks.seeds([seeds] if np.isscalar(seeds) else seeds)
     data = load_eval_data(store_or_path, kind, labels, test_store=test_store,
                           views=use_views)

@@ -279,10 +279,10 @@ def _apply(cfg: PretrainConfig, values: dict[str, Any], source: str) -> None:
 
 
 def default_preset() -> str:
-    """``paper`` where a GPU is present, ``cpu-tiny`` otherwise."""
-    import torch
+    """``paper`` where the default device is a GPU, ``cpu-tiny`` otherwise."""
+    from credanno.runtime import default_device
 
-    return "paper" if torch.cuda.is_available() else "cpu-tiny"
+    return "paper" if default_device() == "cuda" else "cpu-tiny"
 
 
 def load_config(preset: str | None = None, file: str | os.PathLike | None = None,

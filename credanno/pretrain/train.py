@@ -13,7 +13,6 @@ callbacks (:mod:`.callbacks`); the run folder's name and resume policy live in :
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -25,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from credanno import runtime
 from credanno.augment.rng import derive_seed, epoch_permutation, sample_keys
 from credanno.errors import CredannoError
-from credanno.pretrain import distributed as D
 from credanno.pretrain.callbacks import Callback, ProgressBar
 from credanno.pretrain.checkpoint import (
     CHECKPOINT_NAME,
@@ -72,29 +71,6 @@ class RunResult:
     @property
     def epochs_done(self) -> int:
         return self.metrics[-1]["epoch"] if self.metrics else self.resumed_from
-
-
-def select_amp_dtype(amp: str, device_type: str,
-                     bf16_supported: bool | None = None) -> torch.dtype | None:
-    """The autocast dtype: ``auto`` is bf16 on GPUs that support it, full precision elsewhere.
-
-    fp16 needs a GradScaler and a GPU; bf16 needs neither (same exponent range as fp32).
-    """
-    if device_type == "cuda" and bf16_supported is None:
-        bf16_supported = torch.cuda.is_bf16_supported()
-    if amp == "none":
-        return None
-    if amp == "auto":
-        return torch.bfloat16 if device_type == "cuda" and bf16_supported else None
-    if amp == "bf16":
-        if device_type == "cuda" and not bf16_supported:
-            raise CredannoError("this GPU has no bf16 support; pass amp = \"fp16\" or \"none\"")
-        return torch.bfloat16
-    if amp == "fp16":
-        if device_type != "cuda":
-            raise CredannoError("fp16 autocast needs a GPU; use amp = \"bf16\" or \"none\" on CPU")
-        return torch.float16
-    raise CredannoError(f"unknown amp mode {amp!r}; choose auto, bf16, fp16 or none")
 
 
 def param_groups(model: nn.Module) -> list[dict[str, Any]]:
@@ -157,19 +133,19 @@ class Trainer:
     ``callbacks`` replace :func:`default_callbacks` (pass them plus your own to extend).
     """
 
-    def __init__(self, cfg: PretrainConfig, env: D.DistEnv, progress: bool = False,
+    def __init__(self, cfg: PretrainConfig, env: runtime.DistEnv, progress: bool = False,
                  callbacks: Sequence[Callback] | None = None):
         self.cfg, self.env, self.progress = cfg, env, progress
         self.device = env.device
         self.callbacks = list(default_callbacks(cfg, progress) if callbacks is None
                               else callbacks)
         self._load_data()
-        self.amp_dtype = select_amp_dtype(cfg.amp, self.device.type)
+        self.amp_dtype = runtime.autocast_dtype(cfg.amp, self.device.type)
         self.multicrop = MultiCrop(CropSpec.from_config(cfg))
         self.nodule_views = self._nodule_views()
         self.eval_transform = EvalTransform(resize=cfg.eval_resize, crop=cfg.eval_crop)
-        self.run_dir = Path(D.broadcast_object(str(resolve_run_dir(cfg, self.data_sha256)),
-                                               env))
+        self.run_dir = Path(runtime.broadcast_object(
+            str(resolve_run_dir(cfg, self.data_sha256)), env))
         self.checkpoint = self.run_dir / CHECKPOINT_NAME
         self.resuming = has_checkpoint(self.run_dir)
         self._build_models()
@@ -342,9 +318,7 @@ class Trainer:
         if self.nodule_views is not None:
             second = self.images[self.nodule_views(indices, keys)]
         crops = self.multicrop(self.images[indices], keys, second)
-        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
-                    if self.amp_dtype is not None else contextlib.nullcontext())
-        with autocast:
+        with runtime.autocast(self.device.type, self.amp_dtype):
             with torch.no_grad():
                 teacher_out = self.teacher(crops[:2])
             student_out = self.ddp_student(crops)
@@ -373,9 +347,9 @@ class Trainer:
         for step in range(self.steps_per_epoch):
             batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             it = epoch * self.steps_per_epoch + step
-            loss_sum += self.train_step(epoch, it, D.shard(batch, env))
+            loss_sum += self.train_step(epoch, it, runtime.shard(batch, env))
             self._emit("on_step_end", epoch, step, loss_sum)
-        loss = D.all_reduce_mean(loss_sum / self.steps_per_epoch, env).item()
+        loss = runtime.all_reduce_mean(loss_sum / self.steps_per_epoch, env).item()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -398,7 +372,7 @@ class Trainer:
         result.metrics = self._train(start_epoch, metrics)
         if self.env.is_main:
             result.loss_curve = existing(self.run_dir / LOSS_PLOT_NAME)
-        D.barrier(self.env)
+        runtime.barrier(self.env)
         return result
 
     def _open_run(self) -> tuple[int, list[dict[str, Any]]]:
@@ -433,7 +407,7 @@ class Trainer:
                     if env.is_main:
                         save_checkpoint(self.checkpoint, self.state_dict(epoch + 1, metrics))
                     self._emit("on_checkpoint", metrics)
-                    D.barrier(env)
+                    runtime.barrier(env)
             self._emit("on_train_end", metrics)
         except torch.OutOfMemoryError:
             raise CredannoError(
@@ -466,8 +440,8 @@ def _cuda_devices(device: torch.device) -> list[int]:
 def pretrain(config: PretrainConfig, progress: bool = False) -> RunResult:
     """Run (or resume) DINO pretraining; see :mod:`credanno.pretrain`."""
     config.validate()
-    env = D.init_distributed(config.device)
+    env = runtime.init_distributed(config.device)
     try:
         return Trainer(config, env, progress=progress).run()
     finally:
-        D.cleanup(env)
+        runtime.cleanup(env)
