@@ -24,12 +24,13 @@ def _row(metric, value, reference, ratio, target, ok):
 
 
 def run(quick: bool = False) -> list[dict]:
-    from credanno.eval.knn import knn_search, knn_search_blocks, l2_normalize
+    from credanno.eval.knn import knn_search, knn_search_blocks
+    from credanno.numerics import l2_normalise
 
     n_bank, n_q, dim, k = (20_000, 2_000, 384, 250) if quick else (100_000, 10_000, 384, 250)
     rng = np.random.default_rng(0)
-    bank = l2_normalize(rng.standard_normal((n_bank, dim), dtype=np.float32))
-    queries = l2_normalize(rng.standard_normal((n_q, dim), dtype=np.float32))
+    bank = l2_normalise(rng.standard_normal((n_bank, dim), dtype=np.float32))
+    queries = l2_normalise(rng.standard_normal((n_q, dim), dtype=np.float32))
 
     out = np.empty((2048, n_bank), dtype=np.float32)
     bank_t = bank.T

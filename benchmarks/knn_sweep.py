@@ -98,7 +98,9 @@ def _row(metric, value, reference, ratio, target, ok):
 
 def run(quick: bool = False) -> list[dict]:
     from credanno.errors import CredannoWarning
-    from credanno.eval.knn import knn_sweep_arrays
+    from credanno.eval.data import EvalData
+    from credanno.eval.knn import knn_sweep
+    from credanno.eval.specs import KnnSpec, SubsetSpec
     from credanno.eval.subsets import label_subset
     from credanno.labels import SUMMARY_ATTRIBUTES
 
@@ -111,9 +113,10 @@ def run(quick: bool = False) -> list[dict]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CredannoWarning)
-        knn_sweep_arrays(train_x, train_t, test_x, test_t, [10], [0.1], [0], labels)  # warm-up
+        data = EvalData.from_arrays(train_x, train_t, test_x, test_t, labels)
+        knn_sweep(data, SubsetSpec(fracs=[0.1]), KnnSpec(ks=[10]))  # warm-up
         t0 = time.perf_counter()
-        res = knn_sweep_arrays(train_x, train_t, test_x, test_t, ks, FRACS, seeds, labels)
+        res = knn_sweep(data, SubsetSpec(fracs=FRACS, seeds=seeds), KnnSpec(ks=ks))
         t_ours = time.perf_counter() - t0
 
     t0 = time.perf_counter()

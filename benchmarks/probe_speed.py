@@ -71,7 +71,8 @@ def run(quick: bool = False) -> list[dict]:
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from credanno.eval.probe import HeadLayout, train_joint_heads
+    from credanno.eval.probe import HeadLayout, ProbeRun, train_joint_heads
+    from credanno.eval.specs import ProbeSpec
     from credanno.labels import LABEL_NAMES, label_spec
 
     epochs = 20 if quick else 100
@@ -83,19 +84,22 @@ def run(quick: bool = False) -> list[dict]:
                for f in FRACS for s in range(5)]
     lrs = [5e-4 if f >= 1 else 2.5e-4 for f in FRACS for _ in range(5)]
 
-    def ours(rows, lr, seeds):
-        train_joint_heads(X, Y, layout, rows, epochs=epochs, lr=lr, seeds=seeds)
+    spec = ProbeSpec(epochs=epochs)
 
-    ours([full], 5e-4, 0)  # warm-up
+    def ours(runs):
+        train_joint_heads(X, Y, layout, runs, spec)
+
+    ours([ProbeRun(full, 5e-4, 0)])  # warm-up
     t0 = time.perf_counter()
-    ours([full], 5e-4, 0)
+    ours([ProbeRun(full, 5e-4, 0)])
     t_one = time.perf_counter() - t0
+    runs = [ProbeRun(rows, lr, c) for c, (rows, lr) in enumerate(zip(configs, lrs, strict=True))]
     t0 = time.perf_counter()
-    ours(configs, lrs, list(range(15)))
+    ours(runs)
     t_15 = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for c, (rows, lr) in enumerate(zip(configs, lrs, strict=True)):
-        ours([rows], lr, c)
+    for run_c in runs:
+        ours([run_c])
     t_seq = time.perf_counter() - t0
 
     saved = torch.get_num_threads()

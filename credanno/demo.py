@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from credanno._atomic import atomic_path, writable_folder
-from credanno.bench.table1 import mean_sd_pct
 from credanno.errors import CredannoWarning
+from credanno.numerics import mean_sd
 from credanno.outputs import md_code, md_text
 
 #: label fractions of the demo's Fig. 4 for k-NN and the trained predictors (seconds each)
@@ -115,7 +115,7 @@ def run_demo(out: str | os.PathLike = "demo", seeds: int | Sequence[int] = 3,
     ``paper`` on a GPU); ``cnn``: settings of the end-to-end baseline in Fig. 4.
     """
     from credanno.bench.fig2 import fig2_from_table1
-    from credanno.bench.fig4 import run_fig4
+    from credanno.bench.fig4 import CnnBaseline, run_fig4
     from credanno.bench.table1 import run_table1
     from credanno.embed import embed
     from credanno.errors import CredannoError
@@ -226,10 +226,11 @@ def run_demo(out: str | os.PathLike = "demo", seeds: int | Sequence[int] = 3,
 
     # 7. Fig. 4 with the end-to-end CNN on the same subsets
     def _fig4():
+        baseline = CnnBaseline({**DEMO_CNN, "device": dev, **(cnn or {})}, data=patch,
+                               fracs=[f for f in (cnn_fracs or DEMO_CNN_FRACS) if f in fracs]
+                               or fracs)
         f4 = run_fig4(store_paths["teacher"], fracs=fracs, seeds=seeds,
-                      probe_epochs=probe_epochs, cnn={**DEMO_CNN, "device": dev, **(cnn or {})},
-                      data=patch, device=dev,
-                      cnn_fracs=[f for f in (cnn_fracs or DEMO_CNN_FRACS) if f in fracs] or fracs)
+                      probe_epochs=probe_epochs, cnn=baseline, device=dev)
         figures["fig4"] = save_figure(f4.figure(), figures_dir / "fig4.png")
         f4.to_csv(tables_dir / "fig4.csv", option="--out")
         return f4
@@ -330,7 +331,7 @@ def _report_text(out: Path, t1: dict, f2, f4, figures: dict[str, Path], cfg, run
     comp_md = ["| setting | " + " | ".join(dict(ENCODERS)[c] for c in names) + " |",
                "|---|" + "---:|" * len(names)]
     for setting, row in comp.iterrows():
-        cells = [mean_sd_pct(row[c], row[f"{c}_sd"]) for c in names]
+        cells = [mean_sd(row[c], row[f"{c}_sd"]) for c in names]
         comp_md.append(f"| {setting} | " + " | ".join(cells) + " |")
     base = teacher.rows[(teacher.rows["source"] == "baseline")
                         & (teacher.rows["label"] == "malignancy")]["acc_mean"]
@@ -362,7 +363,7 @@ as k-NN with all labels always does); attributes count as correct within \
 
 The same k-NN and trained predictors on three feature stores: the DINO-pretrained teacher,
 the same architecture with random weights, and the raw pixels. The best constant
-prediction scores {mean_sd_pct(float(base.iloc[0])) if len(base) else '?'}.
+prediction scores {mean_sd(float(base.iloc[0])) if len(base) else '?'}.
 
 {chr(10).join(comp_md)}
 

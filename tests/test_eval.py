@@ -8,13 +8,15 @@ import pytest
 
 from credanno.errors import CredannoError, CredannoWarning
 from credanno.eval import metrics
+from credanno.eval.data import EvalData
 from credanno.eval.knn import (
     knn_classify,
     knn_search,
     knn_search_blocks,
-    knn_sweep_arrays,
+    knn_sweep,
     knn_vote,
 )
+from credanno.eval.specs import KnnSpec, ProbeSpec, SubsetSpec
 from credanno.eval.subsets import label_subset
 from credanno.labels import LABEL_NAMES
 from credanno.synthetic import synthetic_features, synthetic_table
@@ -169,16 +171,16 @@ def test_nodule_subsets_take_whole_nodules_and_stratify():
 
 # -- k-NN sweep -------------------------------------------------------------------------
 
-def test_knn_sweep_arrays_records_and_blocks():
+def test_knn_sweep_records_and_blocks():
     t = synthetic_table(n_nodules=60, per_nodule=3, seed=1)
     x = synthetic_features(t, dim=16, signal=3.0)
     trx, trt, tex, tet = _split(t, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CredannoWarning)
-        r = knn_sweep_arrays(trx, trt, tex, tet, [1, 5, 500], [0.2, 1], [0, 1])
-        blocks = lambda: ((o, trx[o:o + 11]) for o in range(0, len(trx), 11))  # noqa: E731
-        rb = knn_sweep_arrays(None, trt, tex, tet, [1, 5, 500], [0.2, 1], [0, 1],
-                              blocks=blocks)
+        data = EvalData.from_arrays(trx, trt, tex, tet)
+        subsets = SubsetSpec(fracs=[0.2, 1], seeds=[0, 1])
+        r = knn_sweep(data, subsets, KnnSpec(ks=[1, 5, 500]))
+        rb = knn_sweep(data, subsets, KnnSpec(ks=[1, 5, 500], block_rows=11))
     assert len(r.results) == len(LABEL_NAMES) * 3 * 2 * 2
     pd.testing.assert_frame_equal(r.results, rb.results)
     assert (r.results["n_test"] == len(tet)).all()
@@ -187,7 +189,7 @@ def test_knn_sweep_arrays_records_and_blocks():
     xm = rng.normal(size=(len(t), 8)).astype(np.float32)
     xm[:, 0] += 4 * (2 * t["malignancy"].to_numpy() - 1)
     trm, _, tem, _ = _split(t, xm)
-    rm = knn_sweep_arrays(trm, trt, tem, tet, [5], [1.0], [0], ["malignancy"])
+    rm = knn_sweep(EvalData.from_arrays(trm, trt, tem, tet, ["malignancy"]), knn=KnnSpec(ks=[5]))
     assert rm.results["acc"].iat[0] > 0.9 > rm.results["baseline_acc"].iat[0]
     # every k from one search equals a separate knn_classify per k
     sub = label_subset(trt, frac=0.2, seed=1)
@@ -208,13 +210,75 @@ def test_knn_sweep_missing_labels_are_left_out():
     trx, trt, tex, tet = _split(t, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CredannoWarning)
-        r = knn_sweep_arrays(trx, trt, tex, tet, [3], [1.0], [0], ["malignancy", "texture"])
+        r = knn_sweep(EvalData.from_arrays(trx, trt, tex, tet, ["malignancy", "texture"]),
+                      knn=KnnSpec(ks=[3]))
     n_tex = int((tet["texture"] >= 0).sum())
     assert r.results.set_index("label").loc["texture", "n_test"] == n_tex
     # texture neighbours come only from rows labelled for texture
     keep = trt["texture"].to_numpy() >= 0
     ref = knn_classify(trx[keep], trt["texture"].to_numpy()[keep], tex, [3], 5)[3]
     np.testing.assert_array_equal(r._configs[0].preds["texture"], ref)
+
+
+def test_knn_sweep_warns_when_k_is_clamped_and_names_k():
+    t = synthetic_table(n_nodules=30, per_nodule=3, seed=1)
+    data = EvalData.from_arrays(*_split(t, synthetic_features(t, dim=8)), ["malignancy"])
+    rows = label_subset(data.train_table, frac=0.1, seed=0)
+    bank = int((data.train_table["malignancy"].to_numpy()[rows] >= 0).sum())
+    subsets = SubsetSpec(fracs=[0.1])
+    with pytest.warns(CredannoWarning, match=rf"k=500 is larger than the labelled bank "
+                                             rf"\({bank} rows\); k clamped"):
+        r = knn_sweep(data, subsets, KnnSpec(ks=[5, 500]))
+    # the clamped k votes with the whole bank: the same predictions as k = bank size
+    ref = knn_sweep(data, subsets, KnnSpec(ks=[bank]))
+    clamped = [c for c in r._configs if c.k == 500][0]
+    np.testing.assert_array_equal(clamped.preds["malignancy"], ref._configs[0].preds["malignancy"])
+
+
+def test_specs_validate_once_and_keep_canonical_values():
+    s = SubsetSpec(fracs=0.5, seeds=3, stratify=True)
+    assert s.fracs == (0.5,) and s.seeds == (3,) and s.stratify == "malignancy"
+    assert s.sizes(10) == [(0.5, 0.5, None)]
+    assert SubsetSpec(n_labels=[4]).sizes(8) == [(0.5, None, 4)]
+    assert KnnSpec(ks=[50, 10, 10]).ks == (10, 50)
+    with pytest.raises(CredannoError, match="unknown subset mode"):
+        SubsetSpec(mode="patient")
+    with pytest.raises(CredannoError, match=r"label fraction must be in \(0, 1\]"):
+        SubsetSpec(fracs=[0.1, 1.5])
+    with pytest.raises(CredannoError, match="--block-rows must be positive"):
+        KnnSpec(block_rows=0)
+    with pytest.raises(CredannoError, match="unknown weighting"):
+        KnnSpec(weighting="linear")
+    with pytest.raises(CredannoError, match="unknown selection"):
+        ProbeSpec(select="test")
+
+
+def test_one_draw_of_subsets_serves_every_method():
+    from credanno.eval.subsets import draw_subsets
+
+    t = synthetic_table(n_nodules=30, per_nodule=3, seed=2).query("split == 'train'")
+    t = t.reset_index(drop=True)
+    spec = SubsetSpec(fracs=[0.1, 0.5], seeds=[0, 1], mode="nodule")
+    drawn = draw_subsets(spec, t)
+    assert [(s.frac, s.seed) for s in drawn] == [(0.1, 0), (0.1, 1), (0.5, 0), (0.5, 1)]
+    for s in drawn:
+        np.testing.assert_array_equal(s.rows, label_subset(t, frac=s.frac, mode="nodule",
+                                                           seed=s.seed))
+        np.testing.assert_array_equal(s.groups, t["nodule_id"].to_numpy()[s.rows])
+
+
+def test_eval_data_closes_the_store_it_opened(tmp_path):
+    from credanno import stores
+    from credanno.eval.data import open_eval_data
+
+    t = synthetic_table(n_nodules=20, per_nodule=2, seed=0)
+    path = stores.save(tmp_path / "s.h5", features={"cls": synthetic_features(t, dim=8)},
+                       table=t, provenance={"source": "synthetic"})
+    with open_eval_data(path, "cls", load_train=False) as data:
+        store = data._train_store
+        first = next(data.train_blocks(5))
+        assert first[0] == 0 and first[1].shape == (5, 8)
+    assert data._train_store is None and store._closed
 
 
 # -- probes -----------------------------------------------------------------------------
@@ -241,7 +305,7 @@ def test_joint_probe_gradients_match_autograd():
     """Hand-written batched gradients == torch autograd + torch.optim.SGD on Eq. 3."""
     import torch
 
-    from credanno.eval.probe import HeadLayout, train_joint_heads
+    from credanno.eval.probe import HeadLayout, ProbeRun, train_joint_heads
 
     rng = np.random.default_rng(1)
     n, D = 50, 6
@@ -250,8 +314,8 @@ def test_joint_probe_gradients_match_autograd():
     Y[::7, 1] = -1  # missing labels are ignored by that head
     lay = HeadLayout(["malignancy", "a", "b"], [2, 3, 4], cls=0)
     epochs, lr = 3, 0.1
-    heads = train_joint_heads(X, Y, lay, [np.arange(n)], epochs=epochs, lr=lr,
-                              batch_size=n, seeds=4, standardize=False)
+    heads = train_joint_heads(X, Y, lay, [ProbeRun(np.arange(n), lr, 4)],
+                              ProbeSpec(epochs=epochs, batch_size=n, standardize=False))
     g = torch.Generator().manual_seed(4)
     Wx = (torch.randn(D, 9, generator=g) * 0.01).requires_grad_()
     Wz = (torch.randn(7, 2, generator=g) * 0.01).requires_grad_()
@@ -269,29 +333,31 @@ def test_joint_probe_gradients_match_autograd():
         loss.backward()
         opt.step()
         sched.step()
-    np.testing.assert_allclose(heads.exp[0][0].numpy(), Wx.detach().numpy(), atol=1e-5)
-    np.testing.assert_allclose(heads.exp[2][0].numpy(), Wz.detach().numpy(), atol=1e-5)
-    np.testing.assert_allclose(heads.exp[1][0].numpy(), b.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(heads.exp.W_x[0].numpy(), Wx.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(heads.exp.W_z[0].numpy(), Wz.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(heads.exp.b[0].numpy(), b.detach().numpy(), atol=1e-5)
 
 
 def test_batched_configurations_equal_separate_runs():
-    from credanno.eval.probe import HeadLayout, train_joint_heads
+    from credanno.eval.probe import HeadLayout, ProbeRun, train_joint_heads
 
     rng = np.random.default_rng(2)
     X = rng.normal(size=(300, 8)).astype(np.float32)
     Y = np.stack([rng.integers(0, 2, 300), rng.integers(0, 5, 300)], 1)
     lay = HeadLayout(["malignancy", "texture"], [2, 5], cls=0)
     rows = [np.arange(0, 300), np.arange(0, 30), np.arange(100, 250)]
-    kw = dict(epochs=4, batch_size=64, standardize=True)
-    together = train_joint_heads(X, Y, lay, rows, lr=[0.01, 0.02, 0.03], seeds=[0, 1, 2], **kw)
+    spec = ProbeSpec(epochs=4, batch_size=64, standardize=True)
+    runs = [ProbeRun(r, lr, seed) for seed, (r, lr) in enumerate(zip(rows, [0.01, 0.02, 0.03],
+                                                                     strict=True))]
+    together = train_joint_heads(X, Y, lay, runs, spec)
     for c in range(3):
-        alone = train_joint_heads(X, Y, lay, [rows[c]], lr=[0.01, 0.02, 0.03][c], seeds=c, **kw)
+        alone = train_joint_heads(X, Y, lay, [runs[c]], spec)
         for a, b in zip(together.exp, alone.exp, strict=True):
             np.testing.assert_allclose(a[c].numpy(), b[0].numpy(), rtol=1e-4, atol=1e-6)
 
 
-def test_probe_sweep_arrays_select_val_and_views():
-    from credanno.eval.probe import probe_sweep_arrays, split_validation
+def test_probe_sweep_select_val_and_views():
+    from credanno.eval.probe import probe_sweep, split_validation
 
     t = synthetic_table(n_nodules=50, per_nodule=3, seed=4)
     x = synthetic_features(t, dim=16, signal=3.0)
@@ -299,8 +365,9 @@ def test_probe_sweep_arrays_select_val_and_views():
     views = np.stack([trx + 0.1, trx - 0.1])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CredannoWarning)
-        r = probe_sweep_arrays(trx, trt, tex, tet, [0.5, 1], [0, 1], epochs=5,
-                               select="val", train_views=views)
+        r = probe_sweep(EvalData.from_arrays(trx, trt, tex, tet, train_views=views),
+                        SubsetSpec(fracs=[0.5, 1], seeds=[0, 1]),
+                        ProbeSpec(epochs=5, select="val"))
     assert len(r.results) == 2 * 2 * len(LABEL_NAMES)
     assert r.results["k"].isna().all() and set(r.results["method"]) == {"probe"}
     assert r.config["views"] == 2
@@ -333,3 +400,23 @@ def test_vectorised_metrics_equal_scalar_ones_and_json_nulls():
     assert summary["acc_sd"] is None and summary["n_seeds"] == 1  # one seed: no sd
     import json
     assert set(json.loads(r.to_json())) == {"results", "summary"}
+
+
+def test_probe_sweep_equals_one_probe_per_subset():
+    """A sweep's batched configurations are the estimator trained alone on each subset."""
+    from credanno.eval.probe import JointLinearProbe, paper_lr, probe_sweep
+
+    t = synthetic_table(n_nodules=40, per_nodule=3, seed=4)
+    trx, trt, tex, tet = _split(t, synthetic_features(t, dim=12, signal=3.0))
+    labels = ["malignancy", "texture"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CredannoWarning)
+        r = probe_sweep(EvalData.from_arrays(trx, trt, tex, tet, labels),
+                        SubsetSpec(fracs=[0.3], seeds=[0, 1]),
+                        ProbeSpec(epochs=3, standardize=False))
+    for c, seed in enumerate((0, 1)):
+        rows = label_subset(trt, frac=0.3, seed=seed)
+        est = JointLinearProbe(epochs=3, lr=paper_lr(0.3), seed=seed, standardize=False)
+        proba = est.fit(trx[rows], trt[labels].iloc[rows]).predict_proba(tex)
+        for j, name in enumerate(labels):
+            np.testing.assert_allclose(r._configs[c].probas[name], proba[j], atol=1e-6)

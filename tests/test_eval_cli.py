@@ -13,6 +13,7 @@ from credanno.cli import cli
 from credanno.errors import CredannoError, CredannoWarning
 from credanno.eval import knn_sweep, probe_sweep
 from credanno.eval.results import RESULT_COLUMNS
+from credanno.eval.specs import KnnSpec, ProbeSpec, SubsetSpec
 from credanno.synthetic import synthetic_features, synthetic_table
 
 PROV = {"encoder": {"kind": "synthetic", "arch": "none", "sha256": "a" * 64}}
@@ -41,8 +42,9 @@ def _run(args):
 def test_knn_sweep_store_blocked_equals_in_memory(store_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CredannoWarning)
-        a = knn_sweep(store_path, ks=[3, 10], fracs=[0.3, 1], seeds=[0, 1])
-        b = knn_sweep(store_path, ks=[3, 10], fracs=[0.3, 1], seeds=[0, 1], block_rows=7)
+        subsets = SubsetSpec(fracs=[0.3, 1], seeds=[0, 1])
+        a = knn_sweep(store_path, subsets, KnnSpec(ks=[3, 10]))
+        b = knn_sweep(store_path, subsets, KnnSpec(ks=[3, 10], block_rows=7))
     pd.testing.assert_frame_equal(a.results, b.results)
     assert list(a.results.columns) == list(RESULT_COLUMNS)
 
@@ -51,7 +53,8 @@ def test_probe_sweep_store_uses_last4_and_views(tmp_path):
     path = _store(tmp_path / "v.h5", views=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CredannoWarning)
-        r = probe_sweep(path, fracs=[1], seeds=[0], epochs=3, labels=["malignancy", "texture"])
+        r = probe_sweep(path, SubsetSpec(fracs=[1]), ProbeSpec(epochs=3),
+                        labels=["malignancy", "texture"])
     assert r.config["kind"] == "last4" and r.config["views"] == 2
     assert set(r.results["label"]) == {"malignancy", "texture"}
 
@@ -60,9 +63,9 @@ def test_train_and_test_stores_must_share_provenance(tmp_path, store_path):
     other = _store(tmp_path / "o.h5", provenance={"encoder": {"kind": "synthetic",
                                                               "arch": "vit", "sha256": "b"}})
     with pytest.raises(CredannoError, match="differ"):
-        knn_sweep(store_path, ks=[3], test_store=other)
+        knn_sweep(store_path, knn=KnnSpec(ks=[3]), test_store=other)
     same = _store(tmp_path / "same.h5")
-    r = knn_sweep(store_path, ks=[3], test_store=same, labels=["malignancy"])
+    r = knn_sweep(store_path, knn=KnnSpec(ks=[3]), test_store=same, labels=["malignancy"])
     assert len(r.results) == 1
 
 
@@ -71,8 +74,8 @@ def test_store_without_labels_for_a_requested_label(tmp_path):
     t["texture"] = -1
     path = _store(tmp_path / "nolab.h5", table=t)
     with pytest.raises(CredannoError, match="no training labels for 'texture'"):
-        knn_sweep(path, ks=[3], labels=["texture"])
-    r = knn_sweep(path, ks=[3], labels=None)  # default: every label the store has
+        knn_sweep(path, knn=KnnSpec(ks=[3]), labels=["texture"])
+    r = knn_sweep(path, knn=KnnSpec(ks=[3]), labels=None)  # default: every label the store has
     assert "texture" not in set(r.results["label"])
 
 
@@ -128,5 +131,5 @@ def test_cli_errors_name_the_problem(store_path, args, msg, capsys):
 
 def test_class_without_examples_warns_and_goes_on(store_path):
     with pytest.warns(CredannoWarning, match="without labelled examples"):
-        r = knn_sweep(store_path, ks=[1], fracs=[0.05], seeds=[0])
+        r = knn_sweep(store_path, SubsetSpec(fracs=[0.05]), KnnSpec(ks=[1]))
     assert len(r.results) == 9

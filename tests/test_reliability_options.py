@@ -7,6 +7,7 @@ import math
 import warnings
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from credanno import stores
@@ -119,28 +120,28 @@ def test_prepare_seed_out_of_range(seed, tmp_path, capsys):
 
 def test_library_rejects_what_the_cli_rejects(syn):
     from credanno.data import prepare
-    from credanno.eval import knn_sweep, probe_sweep
     from credanno.eval.knn import knn_classify
     from credanno.eval.options import parse_seeds
+    from credanno.eval.specs import KnnSpec, ProbeSpec, SubsetSpec
     from credanno.viz.tsne import tsne_map
 
     x = np.eye(4, dtype=np.float32)
     with pytest.raises(CredannoError, match="--T nan: must be a finite"):
         knn_classify(x, np.arange(4), x, [1], 4, T=math.nan)
     with pytest.raises(CredannoError, match="--T nan"):
-        knn_sweep(syn["store"], ks=[3], T=math.nan)
+        KnnSpec(ks=[3], T=math.nan)
     with pytest.raises(CredannoError, match="not a device"):
-        knn_sweep(syn["store"], ks=[3], device="tpu")
+        KnnSpec(ks=[3], device="tpu")
     with pytest.raises(CredannoError, match=r"--lr 1e\+30: must be in \(0, 10\]"):
-        probe_sweep(syn["store"], epochs=1, lr=1e30)
+        ProbeSpec(epochs=1, lr=1e30)
     with pytest.raises(CredannoError, match="--lr nan"):
-        probe_sweep(syn["store"], epochs=1, lr=math.nan)
+        ProbeSpec(epochs=1, lr=math.nan)
     with pytest.raises(CredannoError, match="not a device"):
-        probe_sweep(syn["store"], epochs=1, device="tpu")
+        ProbeSpec(epochs=1, device="tpu")
     with pytest.raises(CredannoError, match="--seeds -1"):
-        probe_sweep(syn["store"], epochs=1, seeds=[-1])
+        SubsetSpec(seeds=[-1])
     with pytest.raises(CredannoError, match="more than 1000"):
-        knn_sweep(syn["store"], ks=[3], seeds=range(1001))
+        SubsetSpec(seeds=range(1001))
     with pytest.raises(CredannoError, match="--seed -1"):
         tsne_map(syn["store"], seed=-1)
     with pytest.raises(CredannoError, match="--perplexity nan"):
@@ -182,16 +183,21 @@ def test_encoder_option_patch_size_zero(tiny_patch_file, tmp_path, capsys):
 
 def test_probe_batch_size_clamped_to_the_data(syn):
     from credanno.eval import probe_sweep
+    from credanno.eval.specs import ProbeSpec
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        r = probe_sweep(syn["store"], epochs=2, batch_size=100_000_000, labels=["malignancy"])
+        r = probe_sweep(syn["store"], probe=ProbeSpec(epochs=2, batch_size=100_000_000),
+                        labels=["malignancy"])
     n_train = int((syn["table"]["split"] == "train").sum())
     msgs = [str(w.message) for w in caught if issubclass(w.category, CredannoWarning)]
     assert any(f"--batch-size 100000000 is larger than the {n_train} training rows" in m
                for m in msgs)
     assert r.config["batch_size"] == n_train
-    assert 0 <= float(r.results["acc"].iloc[0]) <= 1
+    # clamping is exactly training with one batch of all rows
+    same = probe_sweep(syn["store"], probe=ProbeSpec(epochs=2, batch_size=n_train),
+                       labels=["malignancy"])
+    pd.testing.assert_frame_equal(r.results, same.results)
 
 
 def test_embed_batch_size_clamped_to_the_data(tiny_patch_file, tmp_path):

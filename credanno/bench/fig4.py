@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import pandas as pd
 
 from credanno.bench.paper import PAPER_FIG4
 from credanno.errors import CredannoError
+from credanno.numerics import mean_sd
 from credanno.outputs import md_text, one_line, write_csv
 from credanno.viz.source import DataSource, describe_source, patch_file_of
 
@@ -53,8 +54,7 @@ class Fig4Result:
                 if r.empty:
                     cells.append("")
                     continue
-                m, s = float(r["mean"].iloc[0]), float(r["sd"].iloc[0])
-                cells.append(f"{m * 100:.2f}" + (f" ± {s * 100:.2f}" if np.isfinite(s) else ""))
+                cells.append(mean_sd(float(r["mean"].iloc[0]), float(r["sd"].iloc[0])))
             lines.append(f"| {md_text(name)} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
@@ -106,7 +106,8 @@ def cnn_subset_accuracy(patch_file: str | os.PathLike, fracs: Sequence[float],
     """Malignancy accuracy of the end-to-end CNN trained on each (fraction, seed) subset."""
     from credanno.bench.supervised import EndToEndClassifier
     from credanno.data.patchfile import read_patch_file
-    from credanno.eval.subsets import label_subset
+    from credanno.eval.specs import SubsetSpec
+    from credanno.eval.subsets import draw_subsets
 
     ps = read_patch_file(patch_file)
     split = ps.table["split"].astype(str).to_numpy()
@@ -115,16 +116,16 @@ def cnn_subset_accuracy(patch_file: str | os.PathLike, fracs: Sequence[float],
     table_train = ps.table.iloc[tr].reset_index(drop=True)
     test_keep = te[y[te] >= 0]
     recs = []
-    for frac in fracs:
-        for seed in seeds:
-            rows = tr[label_subset(table_train, frac=frac, seed=int(seed))]
-            clf = EndToEndClassifier(seed=int(seed), n_classes=2, **(cnn or {}))
-            clf.fit(ps.images[rows], y[rows])
-            acc = float((clf.predict(ps.images[test_keep]) == y[test_keep]).mean())
-            recs.append({"series": series, "frac": float(frac), "seed": int(seed), "acc": acc,
-                         "n_labelled": int((y[rows] >= 0).sum())})
-            if on_config:
-                on_config(f"{series}: {frac:g} seed {seed}: {acc * 100:.1f}%")
+    # the same subsets as the k-NN and the probes: one draw_subsets for all three
+    for subset in draw_subsets(SubsetSpec(fracs=fracs, seeds=seeds), table_train):
+        rows, seed = tr[subset.rows], subset.seed
+        clf = EndToEndClassifier(seed=seed, n_classes=2, **(cnn or {}))
+        clf.fit(ps.images[rows], y[rows])
+        acc = float((clf.predict(ps.images[test_keep]) == y[test_keep]).mean())
+        recs.append({"series": series, "frac": subset.frac, "seed": seed, "acc": acc,
+                     "n_labelled": int((y[rows] >= 0).sum())})
+        if on_config:
+            on_config(f"{series}: {subset.frac:g} seed {seed}: {acc * 100:.1f}%")
     return pd.DataFrame(recs)
 
 
@@ -160,62 +161,69 @@ def check_patch_file(patch: Path, provenance: dict[str, Any], store: Path,
                             f"embedded from ({why}); pass that patch file or leave --data out")
 
 
+@dataclass(frozen=True)
+class CnnBaseline:
+    """The end-to-end CNN of Fig. 4 (the paper's "Baseline").
+
+    ``options``: keyword arguments of :class:`EndToEndClassifier` (arch, epochs, ...);
+    ``fracs``: the fractions it trains on (None: all of Fig. 4's; the CNN costs minutes per
+    point on a CPU where the two-stage methods cost seconds); ``data``: its patch file
+    (None: the one the store's provenance names).
+    """
+
+    options: dict[str, Any] = field(default_factory=dict)
+    fracs: tuple[float, ...] | None = None
+    data: str | os.PathLike | None = None
+
+
 def run_fig4(store: str | os.PathLike | None = None, fracs: Sequence[float] = FIG4_FRACS,
              seeds: Sequence[int] = (0, 1, 2), k: int = 50, probe_epochs: int = 100,
-             cnn: dict[str, Any] | None = None, with_cnn: bool = True,
-             data: str | os.PathLike | None = None, device: str = "cpu",
-             cnn_fracs: Sequence[float] | None = None, progress: bool = False,
+             cnn: CnnBaseline | None = CnnBaseline(), device: str = "cpu",
+             progress: bool = False,
              on_config: Callable[[str], None] | None = None) -> Fig4Result:
-    """Malignancy accuracy over label fractions for k-NN, probes and the end-to-end CNN.
-
-    ``cnn``: keyword arguments of :class:`EndToEndClassifier` (arch, epochs, ...);
-    ``cnn_fracs``: the fractions the CNN trains on (default: all of ``fracs``; the CNN
-    costs minutes per point on a CPU where the two-stage methods cost seconds);
-    ``data``: the patch file for the CNN (default: the one the store's provenance names).
-    """
+    """Malignancy accuracy over label fractions for k-NN, probes and the end-to-end CNN
+    (``cnn=None``: without the CNN)."""
     from credanno import checks, stores
     from credanno.bench.supervised import EndToEndClassifier
     from credanno.eval import knn_sweep, probe_sweep
+    from credanno.eval.specs import KnnSpec, ProbeSpec, SubsetSpec
     from credanno.runtime import resolve_device
     from credanno.viz.tsne import resolve_store
 
     # every setting is checked before the k-NN and probes run, so none of their work is lost
-    resolve_device(device)
-    seeds = checks.seeds(seeds)
-    fracs = sorted(_fracs(fracs, "--fracs"))
-    cnn_fracs = None if cnn_fracs is None else _fracs(cnn_fracs, "--cnn-fracs")
-    k, probe_epochs = checks.count(k, "--k"), checks.count(probe_epochs, "--probe-epochs")
-    if with_cnn:
-        resolve_device(EndToEndClassifier(**(cnn or {})).device)
+    subsets = SubsetSpec(fracs=sorted(_fracs(fracs, "--fracs")), seeds=checks.seeds(seeds))
+    k = checks.count(k, "--k")
+    probe = ProbeSpec(epochs=checks.count(probe_epochs, "--probe-epochs"), device=device)
+    cnn_fracs = None if cnn is None or cnn.fracs is None else _fracs(cnn.fracs, "--cnn-fracs")
+    if cnn is not None:
+        resolve_device(EndToEndClassifier(**cnn.options).device)
     path = resolve_store(store)
     with stores.open(path) as s:
         prov = dict(s.provenance)
-        if with_cnn and data is not None:
-            check_patch_file(Path(data), prov, path, s.table())
-        probe_kind = "last4" if "last4" in s.feature_sets else s.feature_sets[0]
+        if cnn is not None and cnn.data is not None:
+            check_patch_file(Path(cnn.data), prov, path, s.table())
+        probe = replace(probe, kind="last4" if "last4" in s.feature_sets else s.feature_sets[0])
         knn_kind = "cls" if "cls" in s.feature_sets else s.feature_sets[0]
         n_train = len(s.rows("train"))
-    data_src = describe_source(prov, path)
-    frames = []
-    knn = knn_sweep(path, ks=[k], fracs=fracs, seeds=seeds, labels=["malignancy"],
-                    kind=knn_kind, progress=progress)
-    frames.append(_malignancy_rows(knn.results, f"ours: {k}-NN"))
-    probe = probe_sweep(path, fracs=fracs, seeds=seeds, kind=probe_kind, epochs=probe_epochs,
-                        device=device, progress=progress)
-    frames.append(_malignancy_rows(probe.results, "ours: trained (G_cls)"))
+    knn = knn_sweep(path, subsets, KnnSpec(ks=[k], kind=knn_kind), labels=["malignancy"],
+                    progress=progress)
+    frames = [_malignancy_rows(knn.results, f"ours: {k}-NN")]
+    res = probe_sweep(path, subsets, probe, progress=progress)
+    frames.append(_malignancy_rows(res.results, "ours: trained (G_cls)"))
     notes = [f"k-NN uses k = {k} (clamped to the labelled images when fewer; "
              f"{n_train} training images)."]
-    if with_cnn:
-        patch = Path(data) if data is not None else patch_file_of(prov, path)
+    if cnn is not None:
+        patch = Path(cnn.data) if cnn.data is not None else patch_file_of(prov, path)
         if patch is None:
             raise CredannoError(f"cannot find the patch file of store {path} for the "
                                 "end-to-end baseline; pass --data PATH or --no-cnn")
-        arch = (cnn or {}).get("arch", "resnet18")
-        frames.append(cnn_subset_accuracy(patch, sorted(cnn_fracs or fracs), seeds, cnn,
+        arch = cnn.options.get("arch", "resnet18")
+        frames.append(cnn_subset_accuracy(patch, sorted(cnn_fracs or subsets.fracs),
+                                          subsets.seeds, cnn.options,
                                           series=f"end-to-end {arch} (baseline)",
                                           on_config=on_config))
-        epochs = (cnn or {}).get("epochs", 30)
         notes.append(f"Baseline: timm {arch} trained end-to-end from random weights on the "
-                     f"same label subsets ({epochs} epochs; the paper's is ResNet-50).")
-    return Fig4Result(raw=pd.concat(frames, ignore_index=True), data=data_src, store=path,
-                      notes=notes)
+                     f"same label subsets ({cnn.options.get('epochs', 30)} epochs; the "
+                     "paper's is ResNet-50).")
+    return Fig4Result(raw=pd.concat(frames, ignore_index=True),
+                      data=describe_source(prov, path), store=path, notes=notes)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import pandas as pd
 
 from credanno.bench.paper import TABLE1_ITEMS, paper_table1
 from credanno.labels import label_spec
+from credanno.numerics import mean_sd
 from credanno.outputs import md_code, write_csv
 from credanno.viz.source import DataSource, describe_source
 
@@ -99,18 +100,8 @@ class Table1Result:
         return write_csv(self.rows, path, option=option, index=False)
 
 
-def mean_sd_pct(mean: float | None, sd: float | None = None) -> str:
-    """``"83.61 ± 1.28"`` from fractions; no ± without an sd or where it is 0 (the seeds
-    agreed exactly, as k-NN with all labels always does); ``""`` for a missing mean."""
-    if mean is None or not np.isfinite(mean):
-        return ""
-    if sd is not None and np.isfinite(sd) and sd > 0:
-        return f"{mean * 100:.2f} ± {sd * 100:.2f}"
-    return f"{mean * 100:.2f}"
-
-
 def _fmt(mean: float, sd: float, n_seeds: int) -> str:
-    return mean_sd_pct(mean, sd if n_seeds > 1 else None)
+    return mean_sd(mean, sd if n_seeds > 1 else None)
 
 
 def table1_markdown(rows: pd.DataFrame, metric: str = "acc", paper: bool = True) -> str:
@@ -172,12 +163,11 @@ def run_table1(store: str | os.PathLike | None = None, seeds: Sequence[int] = (0
     """Run the paper's Table 1 configurations on a store over ``seeds``."""
     from credanno import checks, stores
     from credanno.eval import knn_sweep, probe_sweep
-    from credanno.runtime import resolve_device
+    from credanno.eval.specs import KnnSpec, ProbeSpec, SubsetSpec
     from credanno.viz.tsne import resolve_store
 
     # checked before the k-NN runs, so that a bad probe setting does not waste it
-    resolve_device(device)
-    checks.count(probe_epochs, "--probe-epochs")
+    probe = ProbeSpec(epochs=checks.count(probe_epochs, "--probe-epochs"), device=device)
     seeds = tuple(checks.seeds(seeds))
     path = resolve_store(store)
     with stores.open(path) as s:
@@ -193,15 +183,14 @@ def run_table1(store: str | os.PathLike | None = None, seeds: Sequence[int] = (0
     raw: dict[str, Any] = {}
     summaries = []
     if knn_cfgs:
-        res = knn_sweep(path, ks=sorted({c.k for c in knn_cfgs}),
-                        fracs=sorted({c.frac for c in knn_cfgs}), seeds=list(seeds),
-                        kind=knn_kind, progress=progress)
+        res = knn_sweep(path, SubsetSpec(fracs=sorted({c.frac for c in knn_cfgs}), seeds=seeds),
+                        KnnSpec(ks=sorted({c.k for c in knn_cfgs}), kind=knn_kind),
+                        progress=progress)
         raw["knn"] = res
         summaries += [(c, config_rows(summarise(res.results), c)) for c in knn_cfgs]
     if probe_cfgs:
-        res = probe_sweep(path, fracs=sorted({c.frac for c in probe_cfgs}), seeds=list(seeds),
-                          kind=probe_kind, epochs=probe_epochs, device=device,
-                          progress=progress)
+        subsets = SubsetSpec(fracs=sorted({c.frac for c in probe_cfgs}), seeds=seeds)
+        res = probe_sweep(path, subsets, replace(probe, kind=probe_kind), progress=progress)
         raw["probe"] = res
         summaries += [(c, config_rows(summarise(res.results), c)) for c in probe_cfgs]
 

@@ -117,13 +117,13 @@ def fig4(store: Path | None, seeds: str, fracs: str, k: int, probe_epochs: int,
          cnn_fracs: str | None, cnn_size: int, device: str, out: Path,
          csv_path: Path | None) -> None:
     """Fig. 4: malignancy accuracy against annotation fraction (log scale)."""
-    from credanno.bench.fig4 import run_fig4
+    from credanno.bench.fig4 import CnnBaseline, run_fig4
 
-    cnn = {"arch": cnn_arch, "epochs": cnn_epochs, "image_size": cnn_size, "device": device}
+    cnn = None if no_cnn else CnnBaseline(
+        {"arch": cnn_arch, "epochs": cnn_epochs, "image_size": cnn_size, "device": device},
+        fracs=parse_fracs(cnn_fracs, "--cnn-fracs") if cnn_fracs else None, data=data)
     f4 = run_fig4(store, fracs=parse_fracs(fracs), seeds=parse_seeds(seeds), k=k,
-                  probe_epochs=probe_epochs, cnn=cnn, with_cnn=not no_cnn, data=data,
-                  device=device, progress=True,
-                  cnn_fracs=parse_fracs(cnn_fracs, "--cnn-fracs") if cnn_fracs else None,
+                  probe_epochs=probe_epochs, cnn=cnn, device=device, progress=True,
                   on_config=lambda line: click.echo(line, err=True))
     click.echo(f"Data: {f4.data.text}. Store: {f4.store}.\n")
     click.echo("Fig. 4: malignancy accuracy (%), mean ± sd over seeds\n")
@@ -154,14 +154,15 @@ def table2(data: Path | None, out: Path, seeds: str, preset: str | None, epochs:
            init_resnet: str | None, init_vit: str | None, vit_run: Path | None,
            cnn_epochs: int, device: str | None, csv_path: Path | None) -> None:
     """Table 2: encoder (ResNet vs ViT) x strategy (end-to-end vs two-stage) x init."""
-    from credanno.bench.table2 import run_table2
+    from credanno.bench.table2 import Table2Pretraining, run_table2
     from credanno.paths import DEFAULT_PATCH_FILE
 
-    t2 = run_table2(data or DEFAULT_PATCH_FILE, out, seeds=parse_seeds(seeds), preset=preset,
-                    init_resnet=init_resnet, init_vit=init_vit, vit_run=vit_run,
-                    cnn={"epochs": cnn_epochs, "device": device or "cpu"},
-                    pretrain_overrides=None if epochs is None else {"epochs": epochs},
-                    device=device, progress=True, on_row=lambda line: click.echo(line, err=True))
+    setup = Table2Pretraining(preset=preset, init_resnet=init_resnet, init_vit=init_vit,
+                              vit_run=vit_run, overrides={} if epochs is None else
+                              {"epochs": epochs})
+    t2 = run_table2(data or DEFAULT_PATCH_FILE, out, seeds=parse_seeds(seeds), setup=setup,
+                    cnn={"epochs": cnn_epochs, "device": device or "cpu"}, device=device,
+                    progress=True, on_row=lambda line: click.echo(line, err=True))
     click.echo(f"Data: {t2.data.text}.\n")
     click.echo("Table 2: malignancy accuracy (%) with all annotations; paper column: real "
                "LIDC, ResNet-50 / ViT-S/16 at 224 px.\n")

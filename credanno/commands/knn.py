@@ -34,15 +34,14 @@ def knn(store, train_store, test_store, ks, fracs, n_labels, subset, stratify, s
     nodule attributes, over label fractions and seeds, from a feature store."""
     from credanno.errors import CredannoError
     from credanno.eval.knn import knn_sweep
-    from credanno.eval.options import emit, parse_fracs, parse_ks, parse_labels, parse_seeds
+    from credanno.eval.options import emit, parse_ks, parse_labels, subset_spec
+    from credanno.eval.specs import KnnSpec
 
     if store is not None and train_store is not None:
         raise CredannoError("give --store or --train-store, not both")
-    result = knn_sweep(
-        train_store or store, ks=parse_ks(ks),
-        fracs=parse_fracs(fracs) if n_labels is None else (),
-        seeds=parse_seeds(seeds), labels=parse_labels(labels), mode=subset, T=T,
-        weighting=weighting, kind=kind, progress=progress, n_labels=n_labels,
-        stratify="malignancy" if stratify else None,
-        test_store=test_store, block_rows=block_rows, device=device)
+    subsets = subset_spec(fracs, n_labels, subset, stratify, seeds)
+    spec = KnnSpec(ks=parse_ks(ks), T=T, weighting=weighting, kind=kind, block_rows=block_rows,
+                   device=device)
+    result = knn_sweep(train_store or store, subsets, spec, labels=parse_labels(labels),
+                       test_store=test_store, progress=progress)
     click.echo(emit(result, as_json, csv, predictions))

@@ -45,16 +45,15 @@ def probe(store, train_store, test_store, fracs, n_labels, subset, stratify, see
     """Train the joint linear heads (one per attribute, malignancy on features + attribute
     logits) on a labelled subset and evaluate them on the test split."""
     from credanno.errors import CredannoError
-    from credanno.eval.options import emit, parse_fracs, parse_labels, parse_seeds
+    from credanno.eval.options import emit, parse_labels, subset_spec
     from credanno.eval.probe import probe_sweep
+    from credanno.eval.specs import ProbeSpec
 
     if store is not None and train_store is not None:
         raise CredannoError("give --store or --train-store, not both")
-    result = probe_sweep(
-        train_store or store, fracs=parse_fracs(fracs) if n_labels is None else (),
-        seeds=parse_seeds(seeds), labels=parse_labels(labels), kind=kind, epochs=epochs,
-        lr=lr, device=device, progress=progress, n_labels=n_labels, mode=subset,
-        stratify="malignancy" if stratify else None, select=select, val_frac=val_frac,
-        batch_size=batch_size, standardize=standardize, use_views=views,
-        test_store=test_store)
+    subsets = subset_spec(fracs, n_labels, subset, stratify, seeds)
+    spec = ProbeSpec(kind=kind, epochs=epochs, lr=lr, batch_size=batch_size, select=select,
+                     val_frac=val_frac, standardize=standardize, views=views, device=device)
+    result = probe_sweep(train_store or store, subsets, spec, labels=parse_labels(labels),
+                         test_store=test_store, progress=progress)
     click.echo(emit(result, as_json, csv, predictions))

@@ -16,7 +16,13 @@ _EXPORTS = {
     "probe_sweep": "credanno.eval.probe",
     "JointLinearProbe": "credanno.eval.probe",
     "EvalResult": "credanno.eval.results",
+    "EvalData": "credanno.eval.data",
+    "open_eval_data": "credanno.eval.data",
+    "SubsetSpec": "credanno.eval.specs",
+    "KnnSpec": "credanno.eval.specs",
+    "ProbeSpec": "credanno.eval.specs",
     "label_subset": "credanno.eval.subsets",
+    "draw_subsets": "credanno.eval.subsets",
 }
 
 __all__ = list(_EXPORTS)

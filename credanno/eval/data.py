@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +20,60 @@ import pandas as pd
 
 from credanno.errors import CredannoError, CredannoWarning
 from credanno.labels import LABEL_NAMES, label_spec
+from credanno.numerics import require_finite
 
 StoreLike = Any  # credanno.stores.Store | str | os.PathLike | None
 
 
 @dataclass
 class EvalData:
-    """Features (possibly not loaded, see ``block_reader``) and tables of both splits."""
+    """Features and tables of both splits; a context manager owning the store it opened.
+
+    ``train_x`` is None when the training features are streamed from the store instead
+    (:meth:`train_blocks`); the store then stays open until :meth:`close` (or the end of
+    the ``with`` block). Build one from arrays with :meth:`from_arrays`.
+    """
 
     train_table: pd.DataFrame
     test_table: pd.DataFrame
     test_x: np.ndarray
     train_x: np.ndarray | None
     labels: list[str]
-    provenance: dict[str, Any]
-    paths: dict[str, str]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
     train_views: np.ndarray | None = None
     _train_store: Any = None
-    kind: str = "cls"
+    kind: str | None = "cls"
     _own: bool = False
+
+    @classmethod
+    def from_arrays(cls, train_x: np.ndarray, train_table: pd.DataFrame, test_x: np.ndarray,
+                    test_table: pd.DataFrame, labels: Sequence[str] | None = None, *,
+                    train_views: np.ndarray | None = None) -> EvalData:
+        """Evaluation data from in-memory features (rows in the tables' order); ``labels``
+        None = every label column the training table has."""
+        if labels is None:
+            labels = [n for n in LABEL_NAMES if n in train_table.columns]
+        return cls(train_table=train_table, test_table=test_table, test_x=test_x,
+                   train_x=train_x, labels=list(labels), train_views=train_views, kind=None)
+
+    def __enter__(self) -> EvalData:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         """Close the training store if it was opened here and kept open for block reads."""
         if self._own and self._train_store is not None:
             self._train_store.close()
         self._train_store = None
+
+    def record(self) -> dict[str, Any]:
+        """What a result records about its data: feature set, stores and provenance."""
+        if not self.paths:
+            return {}
+        return {"kind": self.kind, "stores": self.paths, "provenance": self.provenance}
 
     def train_blocks(self, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """Training features as ``(offset, block)`` of ``block_rows`` rows, read one block at a
@@ -55,10 +84,7 @@ class EvalData:
             return
         store = self._train_store
         for start, block in store.feature_blocks("train", self.kind, block_rows):
-            if not np.isfinite(block).all():
-                raise CredannoError(f"{store.path}: training features contain NaN or Inf; "
-                                    "re-run `credanno embed`")
-            yield start, block
+            yield start, require_finite(block, f"{store.path} training features")
 
 
 def resolve_labels(labels: Sequence[str] | str | None, available: Sequence[str],
@@ -88,19 +114,15 @@ def _open(store: StoreLike):
     return store, False
 
 
-def _finite(x: np.ndarray, what: str, path: Any) -> np.ndarray:
-    if not np.isfinite(x).all():
-        bad = int((~np.isfinite(x)).any(axis=1).sum())
-        raise CredannoError(f"{path}: {bad} {what} rows contain NaN or Inf features; "
-                            "re-run `credanno embed` (the encoder produced invalid output)")
-    return x
-
-
-def load_eval_data(store: StoreLike = None, kind: str | None = "cls",
+def open_eval_data(store: StoreLike = None, kind: str | None = "cls",
                    labels: Sequence[str] | str | None = None, *,
                    test_store: StoreLike = None, load_train: bool = True,
                    views: bool = False) -> EvalData:
-    """Read what an evaluation needs from one store (or a train and a test store)."""
+    """Read what an evaluation needs from one store (or a train and a test store).
+
+    Use it as ``with open_eval_data(...) as data:``: with ``load_train=False`` the training
+    store stays open for :meth:`EvalData.train_blocks` and is closed at the end of the block.
+    """
     from credanno import stores
 
     train_s, own_train = _open(store)
@@ -135,13 +157,14 @@ def load_eval_data(store: StoreLike = None, kind: str | None = "cls",
             if not (test_table[n] >= 0).any():
                 raise CredannoError(f"{test_s.path} has no test labels for {n!r} "
                                     "(all missing); drop it from --labels")
-        test_x = _finite(test_s.features("test", kind), "test", test_s.path)
-        train_x = _finite(train_s.features("train", kind), "training",
-                          train_s.path) if load_train else None
+        test_x = require_finite(test_s.features("test", kind), f"{test_s.path} test features")
+        train_x = require_finite(train_s.features("train", kind),
+                                 f"{train_s.path} training features") if load_train else None
         train_views = train_s.views("train", kind) if views else None
         if train_views is not None:
-            train_views = _finite(train_views.reshape(-1, train_views.shape[-1]), "view",
-                                  train_s.path).reshape(train_views.shape)
+            train_views = require_finite(train_views.reshape(-1, train_views.shape[-1]),
+                                         f"{train_s.path} view features"
+                                         ).reshape(train_views.shape)
         dim_train = (train_x.shape[1] if train_x is not None
                      else train_s._dataset("features", kind).shape[1])
         if test_x.shape[1] != dim_train:

@@ -16,13 +16,21 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from credanno import checks
 from credanno.errors import CredannoError, CredannoWarning
+from credanno.eval.data import EvalData, StoreLike, open_eval_data
 from credanno.labels import label_spec
+from credanno.numerics import l2_normalise
 from credanno.runtime import check_device
+
+if TYPE_CHECKING:
+    from credanno.eval.results import EvalResult
+    from credanno.eval.specs import KnnSpec, SubsetSpec
+    from credanno.eval.subsets import Subset
 
 #: weighting name -> function(similarities (nq, K) sorted descending, T) -> weights (nq, K).
 WEIGHTINGS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {}
@@ -59,18 +67,6 @@ def get_weighting(name: str) -> Callable[[np.ndarray, float], np.ndarray]:
         raise CredannoError(
             f"unknown weighting {name!r}; choose one of {', '.join(sorted(WEIGHTINGS))}"
         ) from None
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation into a C-contiguous float32 array (zero rows stay zero)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    if x.ndim != 2:
-        raise CredannoError(f"features must be a 2-D array (rows, dim), got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise CredannoError("features contain NaN or Inf; re-run `credanno embed` "
-                            "(the encoder or its checkpoint is broken)")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
 def check_ks(ks: Iterable[int]) -> list[int]:
@@ -121,7 +117,7 @@ def knn_search(bank: np.ndarray, queries: np.ndarray, k: int, *, normalize: bool
     ``k`` must not exceed ``len(bank)``.
     """
     if normalize:
-        bank, queries = l2_normalize(bank), l2_normalize(queries)
+        bank, queries = l2_normalise(bank), l2_normalise(queries)
     else:
         bank = np.ascontiguousarray(bank, dtype=np.float32)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -169,13 +165,13 @@ def knn_search_blocks(blocks: Iterable[tuple[int, np.ndarray]], queries: np.ndar
     """
     import faiss
 
-    queries = l2_normalize(queries) if normalize else np.ascontiguousarray(queries, np.float32)
+    queries = l2_normalise(queries) if normalize else np.ascontiguousarray(queries, np.float32)
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     total = 0
     for offset, block in blocks:
         if len(block) == 0:
             continue
-        block = l2_normalize(block) if normalize else np.ascontiguousarray(block, np.float32)
+        block = l2_normalise(block) if normalize else np.ascontiguousarray(block, np.float32)
         sims, idx = knn_search(block, queries, min(k, len(block)), normalize=False,
                                device=device)
         _heap_add(heap, sims, idx + offset, k)
@@ -298,7 +294,7 @@ def _search_banks(banks: list[np.ndarray], kneed: list[int], queries_n: np.ndarr
 
     heaps = [faiss.ResultHeap(len(queries_n), k, keep_max=True) for k in kneed]
     for offset, block in blocks:
-        block_n = l2_normalize(block)
+        block_n = l2_normalise(block)
         lo_hi = [np.searchsorted(rows, [offset, offset + len(block)]) for rows in banks]
         for heap, rows, k, (lo, hi) in zip(heaps, banks, kneed, lo_hi, strict=True):
             if hi <= lo:
@@ -314,158 +310,129 @@ def _search_banks(banks: list[np.ndarray], kneed: list[int], queries_n: np.ndarr
     return out
 
 
-def _label_sizes(train_table, fracs, n_labels) -> list[tuple[float, float | None, int | None]]:
-    """(recorded frac, frac argument, n argument) per label-fraction setting."""
-    n_train = len(train_table)
-    if n_labels is not None:
-        ns = [n_labels] if np.isscalar(n_labels) else list(n_labels)
-        return [(int(n) / n_train, None, int(n)) for n in ns]
-    fracs = [fracs] if np.isscalar(fracs) else list(fracs)
-    if not fracs:
-        raise CredannoError("no label fraction given; pass e.g. --frac 0.01,0.1,1")
-    return [(float(f), float(f), None) for f in fracs]
+class _Bank(NamedTuple):
+    """One search of a subset: its rows labelled for the labels ``label_idx`` (labels with
+    the same labelled rows share a bank, normally all of them)."""
+
+    rows: np.ndarray
+    label_idx: list[int]
 
 
-def knn_sweep_arrays(train_x: np.ndarray | None, train_table, test_x: np.ndarray, test_table,
-                     ks: Sequence[int] | int = (20,), fracs: Sequence[float] | float = (1.0,),
-                     seeds: Sequence[int] | int = (0,), labels: Sequence[str] | None = None,
-                     *, n_labels: Sequence[int] | int | None = None, mode: str = "annotation",
-                     stratify: str | bool | None = None, T: float = 0.1,
-                     weighting: str = "exp",
-                     blocks: Callable[[], Iterable[tuple[int, np.ndarray]]] | None = None,
-                     device: str | None = None, n_boot: int = 1000, progress: bool = False,
-                     config: dict | None = None):
-    """k-NN over label fractions x seeds x k x labels from arrays (the sweep's core).
+def _subset_banks(subset: Subset, lab_all: np.ndarray, labels: list[str], kmax: int,
+                  clamped: set[int]) -> list[_Bank]:
+    """The banks of one subset; bank sizes below ``kmax`` are added to ``clamped``."""
+    groups: dict[bytes, list[int]] = {}
+    masks = lab_all[subset.rows] >= 0
+    for j in range(len(labels)):
+        groups.setdefault(masks[:, j].tobytes(), []).append(j)
+    banks = []
+    for key, idxs in groups.items():
+        rows = subset.rows[np.frombuffer(key, dtype=bool)]
+        if len(rows) == 0:
+            raise CredannoError(
+                f"label fraction {subset.frac:g} (seed {subset.seed}) leaves no labelled rows "
+                f"for {', '.join(labels[j] for j in idxs)}; use a larger --frac")
+        if kmax > len(rows):
+            clamped.add(len(rows))
+        banks.append(_Bank(rows, idxs))
+    return banks
 
-    One FAISS search with the largest k per (fraction, seed) subset (per group of labels
-    with the same labelled rows, normally one), all k and all labels voted from it.
-    ``blocks`` (a callable returning ``(offset, block)`` pairs over the training rows)
-    replaces ``train_x`` for banks larger than memory.
+
+def _search_all(banks: list[list[_Bank]], kmax: int, queries_n: np.ndarray,
+                train_n: np.ndarray | None, blocks, device: str | None) -> list[list[tuple]]:
+    """``(sims, idx)`` of every bank of every subset, from one search per distinct bank
+    with the largest (clamped) k: at fraction 1 every seed labels the same rows, so their
+    banks are searched once."""
+    unique: dict[bytes, int] = {}
+    for subset_banks in banks:
+        for bank in subset_banks:
+            unique.setdefault(bank.rows.tobytes(), len(unique))
+    distinct = [np.frombuffer(key, dtype=np.int64) for key in unique]
+    kneed = [min(kmax, len(rows)) for rows in distinct]
+    found = _search_banks(distinct, kneed, queries_n, train_n, blocks, device)
+    return [[found[unique[bank.rows.tobytes()]] for bank in subset_banks]
+            for subset_banks in banks]
+
+
+def _vote_subset(banks: list[_Bank], found: list[tuple], lab_all: np.ndarray,
+                 labels: list[str], knn: KnnSpec) -> tuple[dict, dict]:
+    """Predictions and vote shares ``{k: {label: array}}`` of one subset's searches."""
+    n_classes = [label_spec(n).n_classes for n in labels]
+    preds: dict[int, dict[str, np.ndarray]] = {k: {} for k in knn.ks}
+    probas: dict[int, dict[str, np.ndarray]] = {k: {} for k in knn.ks}
+    for bank, (sims, idx) in zip(banks, found, strict=True):
+        idxs = bank.label_idx
+        eff = {k: min(k, len(bank.rows)) for k in knn.ks}
+        votes = knn_vote(sims, lab_all[idx][:, :, idxs], sorted(set(eff.values())),
+                         [n_classes[j] for j in idxs], knn.T, knn.weighting)
+        for k in knn.ks:
+            p, pr = votes[eff[k]]
+            for col, j in enumerate(idxs):
+                preds[k][labels[j]] = p[:, col]
+                probas[k][labels[j]] = pr[col]
+    return preds, probas
+
+
+def _knn_sweep_data(data: EvalData, subsets: SubsetSpec, knn: KnnSpec, n_boot: int,
+                    progress: bool) -> EvalResult:
+    """k-NN over subsets x k x labels of loaded (or streamed) evaluation data.
+
+    One FAISS search with the largest k per subset (per group of labels with the same
+    labelled rows, normally one), all k and all labels voted from it.
     """
     from credanno.eval.results import ConfigPredictions, build_result
-    from credanno.eval.subsets import label_subset, missing_classes, warn_missing_classes
+    from credanno.eval.subsets import draw_subsets, warn_subsets_missing_classes
 
-    ks = check_ks([ks] if np.isscalar(ks) else ks)
-    get_weighting(weighting)
-    T = check_T(T)
-    check_device(device)
-    seeds = checks.seeds([seeds] if np.isscalar(seeds) else seeds)
-    if labels is None:
-        from credanno.labels import LABEL_NAMES
-        labels = [n for n in LABEL_NAMES if n in train_table.columns]
-    labels = list(labels)
-    specs = [label_spec(n) for n in labels]
-    lab_all = train_table[labels].to_numpy().astype(np.int64)  # (n_train, L)
-    queries_n = l2_normalize(test_x)
-    train_n = l2_normalize(train_x) if (train_x is not None and blocks is None) else None
-    if train_n is None and blocks is None:
-        raise CredannoError("no training features given (train_x or blocks)")
-
-    # 1. subsets and banks (one per group of labels sharing labelled rows)
-    settings = []  # (frac, seed, n_labelled, [(bank rows, label idx list)])
-    absent: dict[tuple[float, str], list[int]] = {}
+    labels = list(data.labels)
+    lab_all = data.train_table[labels].to_numpy().astype(np.int64)  # (n_train, L)
+    queries_n = l2_normalise(data.test_x)
+    streamed = knn.block_rows is not None or data.train_x is None
+    if data.train_x is None and data._train_store is None:
+        raise CredannoError("no training features given (train_x or a store)")
+    train_n = None if streamed else l2_normalise(data.train_x)
+    drawn = draw_subsets(subsets, data.train_table)
     clamped: set[int] = set()
-    for frac, f_arg, n_arg in _label_sizes(train_table, fracs, n_labels):
-        for seed in seeds:
-            subset = label_subset(train_table, frac=f_arg, n=n_arg, mode=mode,
-                                  stratify=stratify, seed=seed)
-            groups: dict[bytes, list[int]] = {}
-            masks = lab_all[subset] >= 0
-            for j in range(len(labels)):
-                groups.setdefault(masks[:, j].tobytes(), []).append(j)
-                gone = missing_classes(lab_all[:, j], lab_all[subset, j])
-                if gone:
-                    absent.setdefault((frac, labels[j]), []).append(seed)
-            banks = []
-            for key, idxs in groups.items():
-                rows = subset[np.frombuffer(key, dtype=bool)]
-                if len(rows) == 0:
-                    raise CredannoError(
-                        f"label fraction {frac:g} (seed {seed}) leaves no labelled rows for "
-                        f"{', '.join(labels[j] for j in idxs)}; use a larger --frac")
-                if ks[-1] > len(rows):
-                    clamped.add(len(rows))
-                banks.append((rows, idxs))
-            settings.append((frac, seed, len(subset), banks))
-    if absent:
-        warn_missing_classes(absent)
+    banks = [_subset_banks(s, lab_all, labels, knn.ks[-1], clamped) for s in drawn]
+    warn_subsets_missing_classes(drawn, lab_all, labels)
     if clamped:
-        warnings.warn(f"k={ks[-1]} is larger than the labelled bank "
+        warnings.warn(f"k={knn.ks[-1]} is larger than the labelled bank "
                       f"({', '.join(map(str, sorted(clamped)))} rows); k clamped to the bank "
-                      "size there", CredannoWarning, stacklevel=2)
-
-    # 2. searches: one per distinct bank with the largest (clamped) k (at fraction 1 every
-    #    seed labels the same rows, so their banks are searched once)
-    unique: dict[bytes, int] = {}
-    for *_, banks in settings:
-        for rows, _ in banks:
-            unique.setdefault(rows.tobytes(), len(unique))
-    distinct = [np.frombuffer(key, dtype=np.int64) for key in unique]
-    kneed = [min(ks[-1], len(rows)) for rows in distinct]
-    found = _search_banks(distinct, kneed, queries_n, train_n,
-                          blocks() if blocks is not None else None, device)
-    searched = iter([found[unique[rows.tobytes()]] for *_, banks in settings
-                     for rows, _ in banks])
-
-    # 3. votes for every k and label from each search
+                      "size there", CredannoWarning, stacklevel=3)
+    blocks = data.train_blocks(knn.block_rows or len(data.train_table)) if streamed else None
+    found = _search_all(banks, knn.ks[-1], queries_n, train_n, blocks, knn.device)
     configs: list[ConfigPredictions] = []
-    it = settings
+    it = zip(drawn, banks, found, strict=True)
     if progress:
         from tqdm import tqdm
-        it = tqdm(settings, desc="k-NN", unit="subset", file=None)
-    for frac, seed, n_lab, banks in it:
-        preds: dict[int, dict[str, np.ndarray]] = {k: {} for k in ks}
-        probas: dict[int, dict[str, np.ndarray]] = {k: {} for k in ks}
-        for rows, idxs in banks:
-            sims, idx = next(searched)
-            eff = {k: min(k, len(rows)) for k in ks}
-            votes = knn_vote(sims, lab_all[idx][:, :, idxs], sorted(set(eff.values())),
-                             [specs[j].n_classes for j in idxs], T, weighting)
-            for k in ks:
-                p, pr = votes[eff[k]]
-                for col, j in enumerate(idxs):
-                    preds[k][labels[j]] = p[:, col]
-                    probas[k][labels[j]] = pr[col]
-        for k in ks:
-            configs.append(ConfigPredictions("knn", k, frac, seed, n_lab, preds[k], probas[k]))
-    cfg = {"method": "knn", "ks": ks, "seeds": seeds, "mode": mode, "stratify": stratify,
-           "T": T, "weighting": weighting, "labels": labels, **(config or {})}
-    return build_result(configs, test_table, labels, n_boot=n_boot, config=cfg)
+        it = tqdm(it, total=len(drawn), desc="k-NN", unit="subset", file=None)
+    for subset, subset_banks, subset_found in it:
+        preds, probas = _vote_subset(subset_banks, subset_found, lab_all, labels, knn)
+        configs += [ConfigPredictions("knn", k, subset.frac, subset.seed, len(subset.rows),
+                                      preds[k], probas[k]) for k in knn.ks]
+    cfg = {"method": "knn", "ks": list(knn.ks), "seeds": list(subsets.seeds),
+           "mode": subsets.mode, "stratify": subsets.stratify, "T": knn.T,
+           "weighting": knn.weighting, "labels": labels, **data.record()}
+    return build_result(configs, data.test_table, labels, n_boot=n_boot, config=cfg)
 
 
-def knn_sweep(store_or_path=None, ks: Sequence[int] | int = (20,),
-              fracs: Sequence[float] | float = (1.0,), seeds: Sequence[int] | int = (0,),
-              labels: Sequence[str] | str | None = None, mode: str = "annotation",
-              T: float = 0.1, weighting: str = "exp", kind: str = "cls",
-              progress: bool = False, *, n_labels: Sequence[int] | int | None = None,
-              stratify: str | bool | None = None, test_store=None,
-              block_rows: int | None = None, device: str | None = None,
-              n_boot: int = 1000):
+def knn_sweep(store: StoreLike | EvalData = None, subsets: SubsetSpec | None = None,
+              knn: KnnSpec | None = None, *, labels: Sequence[str] | str | None = None,
+              test_store: StoreLike = None, n_boot: int = 1000,
+              progress: bool = False) -> EvalResult:
     """k-NN evaluation of a feature store (default: the newest under ``stores/``).
 
-    Train rows are the store's training split (or ``store_or_path``'s, with test rows from
-    ``test_store``), test rows its test split. ``block_rows`` streams the training
-    features from the store in blocks of that many rows instead of loading them.
-    Returns an :class:`~credanno.eval.results.EvalResult`.
+    Train rows are the store's training split (or ``store``'s, with test rows from
+    ``test_store``), test rows its test split; ``store`` may also be an :class:`EvalData`
+    (e.g. :meth:`EvalData.from_arrays`), whose labels are then used. ``subsets`` (default:
+    all labels, seed 0) says which training rows keep their labels, ``knn`` (default: k=20)
+    the classifier; ``knn.block_rows`` streams the training features in blocks.
     """
-    from credanno.eval.data import load_eval_data
+    from credanno.eval.specs import KnnSpec, SubsetSpec
 
-    ks = check_ks([ks] if np.isscalar(ks) else ks)
-    if block_rows is not None and int(block_rows) <= 0:
-        raise CredannoError(f"--block-rows must be positive, got {block_rows}")
-    # checked before the store is read, so that a typo costs nothing
-    check_T(T)
-    check_device(device)
-    checks.seeds([seeds] if np.isscalar(seeds) else seeds)
-    data = load_eval_data(store_or_path, kind, labels, test_store=test_store,
-                          load_train=block_rows is None)
-    try:
-        blocks = (lambda: data.train_blocks(int(block_rows))) if block_rows else None
-        return knn_sweep_arrays(
-            data.train_x, data.train_table, data.test_x, data.test_table, ks, fracs, seeds,
-            data.labels, n_labels=n_labels, mode=mode, stratify=stratify, T=T,
-            weighting=weighting, blocks=blocks, device=device, n_boot=n_boot,
-            progress=progress,
-            config={"kind": kind, "stores": data.paths, "provenance": data.provenance})
-    finally:
-        data.close()
+    subsets = SubsetSpec() if subsets is None else subsets
+    knn = KnnSpec() if knn is None else knn
+    if isinstance(store, EvalData):
+        return _knn_sweep_data(store, subsets, knn, n_boot, progress)
+    with open_eval_data(store, knn.kind, labels, test_store=test_store,
+                        load_train=knn.block_rows is None) as data:
+        return _knn_sweep_data(data, subsets, knn, n_boot, progress)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from credanno.labels import label_spec
-
 
 def correct(pred: np.ndarray, true: np.ndarray, tolerance: int = 0) -> np.ndarray:
     """Boolean array: ``|pred - true| <= tolerance``."""
@@ -99,17 +97,6 @@ def bootstrap_ci(correct_rows: np.ndarray, groups: np.ndarray, n_boot: int = 100
     alpha = (1 - level) / 2
     out = np.quantile(accs, [alpha, 1 - alpha], axis=0).T
     return out[0] if single else out
-
-
-def label_metrics(pred: np.ndarray, true: np.ndarray, label: str) -> dict[str, float]:
-    """``acc``, ``exact_acc``, ``balanced_acc``, ``baseline_acc`` of one label's predictions."""
-    spec = label_spec(label)
-    return {
-        "acc": accuracy(pred, true, spec.tolerance),
-        "exact_acc": accuracy(pred, true, 0),
-        "balanced_acc": balanced_accuracy(pred, true),
-        "baseline_acc": baseline_accuracy(true, spec.n_classes, spec.tolerance),
-    }
 
 
 def n_correct_distribution(correct_matrix: np.ndarray) -> np.ndarray:

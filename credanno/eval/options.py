@@ -7,9 +7,13 @@ Plain functions (text in, values out) raising one-line :class:`CredannoError`, s
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from credanno import checks
 from credanno.errors import CredannoError
+
+if TYPE_CHECKING:
+    from credanno.eval.specs import SubsetSpec
 
 
 def _items(text: str) -> list[str]:
@@ -77,6 +81,17 @@ def parse_labels(text: str | None) -> list[str] | None:
     if not names:
         raise CredannoError("--labels is empty; pass e.g. --labels malignancy,texture")
     return names
+
+
+def subset_spec(fracs: str, n_labels: int | None, mode: str, stratify: bool,
+                seeds: str) -> SubsetSpec:
+    """The :class:`SubsetSpec` of the shared subset options (``--n-labels`` replaces
+    ``--frac``; ``--stratify`` stratifies by malignancy)."""
+    from credanno.eval.specs import SubsetSpec
+
+    return SubsetSpec(fracs=parse_fracs(fracs) if n_labels is None else (),
+                      n_labels=None if n_labels is None else (n_labels,), mode=mode,
+                      stratify="malignancy" if stratify else None, seeds=parse_seeds(seeds))
 
 
 def emit(result, as_json: bool, csv: Path | None, predictions: Path | None) -> str:

@@ -25,19 +25,27 @@ split* (no labels used), which puts any encoder's features on that scale; pass
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from credanno import checks
 from credanno.errors import CredannoError, CredannoWarning
+from credanno.eval.data import EvalData, StoreLike, open_eval_data
 from credanno.labels import LABEL_NAMES, label_spec
-from credanno.runtime import cpu_threads, resolve_device
+from credanno.numerics import require_finite
+from credanno.runtime import cpu_threads
+
+if TYPE_CHECKING:
+    from credanno.eval.results import EvalResult
+    from credanno.eval.specs import ProbeSpec, SubsetSpec
+    from credanno.eval.subsets import Subset
 
 #: The paper's probe recipe (section 3, "Training settings").
 PAPER_LR_FULL = 5e-4
@@ -105,18 +113,39 @@ class HeadLayout:
         return slice(int(self.starts[h]), int(self.starts[h + 1]))
 
 
+class HeadParams(NamedTuple):
+    """Parameters of C configurations' joint heads (torch tensors): ``W_x`` (C, D, W) maps
+    the features to all logits, ``b`` (C, W) the biases, ``W_z`` (C, A, C_cls) feeds the
+    attribute logits to G_cls (None without G_cls)."""
+
+    W_x: Any
+    b: Any
+    W_z: Any
+
+
+class ProbeRun(NamedTuple):
+    """One configuration trained by :func:`train_joint_heads`: its training rows, initial
+    learning rate and seed (initialisation and minibatch order), and optionally the rows
+    on which each head's best epoch is selected."""
+
+    rows: np.ndarray
+    lr: float = PAPER_LR_FULL
+    seed: int = 0
+    val_rows: np.ndarray | None = None
+
+
 @dataclass
 class JointHeads:
-    """Trained parameters of C configurations (torch tensors).
+    """Trained G_exp/G_cls heads of C configurations.
 
-    ``exp`` and ``cls`` are ``(W_x (C, D, W), b (C, W), W_z (C, A, C_cls) or None)``: the
-    attribute heads are read from ``exp`` and G_cls from ``cls`` (they differ only when
-    heads were selected at different epochs on validation data).
+    The attribute heads (G_exp) are read from ``exp`` and G_cls from ``cls`` (they differ
+    only when heads were selected at different epochs on validation data); ``mean`` and
+    ``scale`` standardise the features first (None: raw features).
     """
 
     layout: HeadLayout
-    exp: tuple[Any, Any, Any]
-    cls: tuple[Any, Any, Any]
+    exp: HeadParams
+    cls: HeadParams
     mean: Any = None
     scale: Any = None
 
@@ -175,51 +204,53 @@ def _standardizer(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.where(sd > 1e-6, sd, 1.0).astype(np.float32)
 
 
-def train_joint_heads(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, train_rows: list,
-                      *, epochs: int = 100, lr: Sequence[float] | float = PAPER_LR_FULL,
-                      batch_size: int = 128, momentum: float = 0.9,
-                      seeds: Sequence[int] | int = 0, device: str = "cpu",
-                      views: np.ndarray | None = None, val_rows: list | None = None,
-                      standardize: bool = True, init_std: float = 0.01,
-                      progress: bool = False, num_threads: int | None = 1) -> JointHeads:
-    """Train the joint heads of C configurations at once.
+@contextlib.contextmanager
+def _torch_threads(device: str, num_threads: int | None):
+    """Torch CPU threads while training (restored afterwards; None = leave torch's setting).
 
-    ``X`` (n, D) features, ``Y`` (n, L) int labels (-1 missing, ignored by that head),
-    ``train_rows[c]`` the rows configuration c trains on, ``lr``/``seeds`` one per
-    configuration (or one for all). ``views`` (V, n, D): stored augmented views; each
-    sample then draws one view per visit. ``val_rows[c]`` enables per-head selection of
-    the best epoch on those rows (the paper's +/-1 accuracy for attributes).
-
-    ``num_threads``: CPU threads during training (torch's and the BLAS pools, see
-    :func:`credanno.runtime.cpu_threads`; restored afterwards; None = leave the settings).
-    One by default: a step's matrices are small, so intra-op threads gain little and
-    their spin-waiting collapses on a shared or oversubscribed machine (measured 15x
-    slower with 2 threads on a busy 2-core host).
+    Uses :func:`credanno.runtime.cpu_threads` (torch's and the BLAS pools).
+    One by default: a step's matrices are small, so intra-op threads gain little and their
+    spin-waiting collapses on a shared or oversubscribed machine (measured 15x slower with
+    2 threads on a busy 2-core host).
     """
+    if num_threads is None or str(device).startswith("cuda"):
+        yield
+        return
+    with cpu_threads(int(num_threads)):
+        yield
+
+
+def train_joint_heads(X: np.ndarray, Y: np.ndarray, layout: HeadLayout,
+                      runs: Sequence[ProbeRun], spec: ProbeSpec | None = None, *,
+                      views: np.ndarray | None = None, progress: bool = False,
+                      num_threads: int | None = 1) -> JointHeads:
+    """Train the joint heads of every configuration in ``runs`` at once.
+
+    ``X`` (n, D) features, ``Y`` (n, L) int labels (-1 missing, ignored by that head);
+    ``spec`` the recipe (epochs, batch size, momentum, standardisation, device; default
+    :class:`ProbeSpec`); ``views`` (V, n, D): stored augmented views, each sample then
+    draws one view per visit. Runs with ``val_rows`` get each head's best epoch on those
+    rows (the paper's +/-1 accuracy for attributes). ``num_threads``: see
+    :func:`_torch_threads`. Every configuration trains exactly as if it trained alone.
+    """
+    from credanno.eval.specs import ProbeSpec
+
+    spec = ProbeSpec() if spec is None else spec
+    with _torch_threads(spec.device, num_threads):
+        return _BatchedTrainer(X, Y, layout, list(runs), spec, views).run(progress)
+
+
+class _Features(NamedTuple):
+    X: Any  # (n, D) standardised training features (the validation rows come from here)
+    bank: Any  # (n, D) or (V * n, D): what minibatches are drawn from
+    n_views: int
+    mean: np.ndarray | None
+    scale: np.ndarray | None
+
+
+def _features(X: np.ndarray, views: np.ndarray | None, standardize: bool, dev) -> _Features:
+    """Features (and views) on ``dev``, standardised with the training split's statistics."""
     import torch
-
-    if num_threads is not None and not str(device).startswith("cuda"):
-        with cpu_threads(num_threads):
-            return train_joint_heads(X, Y, layout, train_rows, epochs=epochs, lr=lr,
-                                     batch_size=batch_size, momentum=momentum, seeds=seeds,
-                                     device=device, views=views, val_rows=val_rows,
-                                     standardize=standardize, init_std=init_std,
-                                     progress=progress, num_threads=None)
-
-    epochs = checks.count(epochs, "--epochs")
-    n, D = X.shape
-    batch_size = _clamp_batch(batch_size, n)
-    checks.finite(momentum, "momentum", low=0, high=1, low_open=False, high_open=True)
-    C = len(train_rows)
-    lrs = np.broadcast_to(np.asarray(lr, dtype=np.float64), (C,))
-    for value in set(lrs.tolist()):
-        check_lr(value)
-    seeds = np.broadcast_to(np.asarray(seeds, dtype=np.int64), (C,))
-    rows = [np.asarray(r, dtype=np.int64) for r in train_rows]
-    if any(len(r) == 0 for r in rows):
-        raise CredannoError("a configuration has no labelled training rows; use a larger --frac")
-    dev = torch.device(device)
-    lay = layout
 
     mean = scale = None
     Xs = np.ascontiguousarray(X, dtype=np.float32)
@@ -230,12 +261,17 @@ def train_joint_heads(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, train_ro
         if Vs is not None:
             Vs = (Vs - mean) / scale
     Xt = torch.from_numpy(Xs).to(dev)
-    bank = Xt if Vs is None else torch.from_numpy(Vs.reshape(-1, D)).to(dev)
-    n_views = 1 if Vs is None else Vs.shape[0]
+    bank = Xt if Vs is None else torch.from_numpy(Vs.reshape(-1, Xs.shape[1])).to(dev)
+    return _Features(Xt, bank, 1 if Vs is None else Vs.shape[0], mean, scale)
 
-    # targets: one-hot per column and per-(row, head) validity
-    Y = np.asarray(Y, dtype=np.int64).reshape(n, -1)
-    onehot = np.zeros((n + 1, lay.width), dtype=np.float32)  # row n = padding
+
+def _targets(Y: np.ndarray, lay: HeadLayout, dev) -> tuple[Any, Any]:
+    """One-hot targets per column (n + 1, W) and per-(row, head) validity (n + 1, heads);
+    row n is the all-zero padding row."""
+    import torch
+
+    n = len(Y)
+    onehot = np.zeros((n + 1, lay.width), dtype=np.float32)
     valid = np.zeros((n + 1, len(lay.order)), dtype=np.float32)
     for h, i in enumerate(lay.order):
         y = Y[:, i]
@@ -244,134 +280,191 @@ def train_joint_heads(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, train_ro
             raise CredannoError(f"{lay.names[i]} labels exceed its {lay.n_classes[i]} classes")
         onehot[np.flatnonzero(ok), lay.starts[h] + y[ok]] = 1.0
         valid[:n, h] = ok
-    onehot_t = torch.from_numpy(onehot).to(dev)
-    valid_t = torch.from_numpy(valid).to(dev)
-    col_head = torch.as_tensor(lay.col_head, device=dev)
-
-    # parameters, one generator per configuration (init and minibatch order)
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    Wx = torch.stack([torch.randn(D, lay.width, generator=g) * init_std for g in gens]).to(dev)
-    b = torch.zeros(C, lay.width, device=dev)
-    A = lay.n_exp
-    Wz = None
-    if lay.cls is not None:
-        Wz = torch.stack([torch.randn(A, lay.width - A, generator=g) * init_std
-                          for g in gens]).to(dev)
-    bufs = [torch.zeros_like(p) for p in (Wx, b, Wz) if p is not None]
-
-    # configurations sorted by steps per epoch, so the active ones are a prefix
-    steps = np.array([math.ceil(len(r) / batch_size) for r in rows])
-    order = np.argsort(-steps, kind="stable")
-    inv = np.argsort(order)
-    steps_sorted = steps[order]
-    n_active = [int((steps_sorted > j).sum()) for j in range(int(steps_sorted[0]))]
-    lr_sorted = torch.as_tensor(lrs[order], dtype=torch.float32, device=dev)
-    Wx, b = Wx[order].contiguous(), b[order].contiguous()
-    Wz = Wz[order].contiguous() if Wz is not None else None
-    bufs = [bf[order].contiguous() for bf in bufs]
-    gens = [gens[c] for c in order]
-    rows_sorted = [torch.as_tensor(rows[c]) for c in order]
-    width = int(steps_sorted[0]) * batch_size
-
-    select = val_rows is not None
-    if select:
-        vr = [np.asarray(val_rows[c], dtype=np.int64) for c in order]
-        vmax = max(max(len(v) for v in vr), 1)
-        vidx = torch.full((C, vmax), n, dtype=torch.long)
-        for c, v in enumerate(vr):
-            vidx[c, :len(v)] = torch.as_tensor(v)
-        vidx = vidx.to(dev)
-        Xval = torch.cat([Xt, Xt.new_zeros(1, D)])[vidx]
-        best_score = torch.full((C, len(lay.order)), -1.0, device=dev)
-        best_exp = [Wx.clone(), b.clone(), None if Wz is None else Wz.clone()]
-        best_cls = [Wx.clone(), b.clone(), None if Wz is None else Wz.clone()]
-        tol = torch.as_tensor([label_spec(lay.names[i]).tolerance
-                               if lay.names[i] in LABEL_NAMES else 0 for i in lay.order],
-                              device=dev)
-        yval = torch.as_tensor(np.concatenate([Y, np.full((1, Y.shape[1]), -1)])[:, lay.order],
-                               device=dev)[vidx]  # (C, vmax, heads)
-
-    epoch_iter = range(epochs)
-    if progress:
-        from tqdm import tqdm
-        epoch_iter = tqdm(epoch_iter, desc=f"probes ({C} configurations)", unit="epoch")
-    with torch.no_grad():
-        for epoch in epoch_iter:
-            factor = 0.5 * (1 + math.cos(math.pi * epoch / epochs))  # CosineAnnealingLR
-            lr_now = (lr_sorted * factor)
-            # per-configuration shuffles, padded with the dummy row n
-            idx = torch.full((C, width), n, dtype=torch.long)
-            for c in range(C):
-                r = rows_sorted[c]
-                idx[c, :len(r)] = r[torch.randperm(len(r), generator=gens[c])]
-            if n_views > 1:
-                vsel = torch.stack([torch.randint(n_views, (width,), generator=gens[c])
-                                    for c in range(C)])
-            idx = idx.to(dev)
-            for j, na in enumerate(n_active):
-                bi = idx[:na, j * batch_size:(j + 1) * batch_size]
-                safe = torch.where(bi < n, bi, 0)
-                if n_views > 1:
-                    vs = vsel[:na, j * batch_size:(j + 1) * batch_size].to(dev)
-                    Xb = bank[vs * n + safe]
-                else:
-                    Xb = bank[safe]
-                Wx_a, b_a = Wx[:na], b[:na]
-                Wz_a = Wz[:na] if Wz is not None else None
-                Z = _forward((Wx_a, b_a, Wz_a), Xb, lay)
-                P = _grid_softmax(Z, lay)
-                mask = valid_t[bi]  # (na, B, heads); padding row n is all zero
-                cnt = mask.sum(dim=1, keepdim=True).clamp_min(1.0)
-                G = (P - onehot_t[bi]) * (mask / cnt)[..., col_head]
-                if Wz_a is not None:
-                    Gc = G[..., A:]
-                    dWz = torch.bmm(Z[..., :A].transpose(1, 2), Gc)
-                    G = torch.cat([G[..., :A] + torch.bmm(Gc, Wz_a.transpose(1, 2)), Gc], -1)
-                dWx = torch.bmm(Xb.transpose(1, 2), G)
-                grads = [dWx, G.sum(dim=1)] + ([dWz] if Wz_a is not None else [])
-                params = [Wx_a, b_a] + ([Wz_a] if Wz_a is not None else [])
-                for p, buf, g in zip(params, bufs, grads, strict=True):
-                    bf = buf[:na]
-                    bf.mul_(momentum).add_(g)  # torch.optim.SGD's momentum buffer
-                    p.sub_(bf * lr_now[:na].view(-1, *([1] * (p.dim() - 1))))
-            if select:
-                _select_step(lay, (Wx, b, Wz), Xval, yval, tol, best_score, best_exp,
-                             best_cls)
-    if select:
-        exp_p, cls_p = tuple(best_exp), tuple(best_cls)
-    else:
-        exp_p = cls_p = (Wx, b, Wz)
-
-    def unsort(p):
-        return tuple(None if t is None else t[torch.as_tensor(inv, device=dev)] for t in p)
-
-    mean_t = None if mean is None else torch.from_numpy(mean).to(dev)
-    scale_t = None if scale is None else torch.from_numpy(scale).to(dev)
-    return JointHeads(lay, unsort(exp_p), unsort(cls_p), mean_t, scale_t)
+    return torch.from_numpy(onehot).to(dev), torch.from_numpy(valid).to(dev)
 
 
-def _select_step(lay, params, Xval, yval, tol, best_score, best_exp, best_cls) -> None:
-    """Keep every head's parameters from the epoch with its best validation accuracy."""
+def _init_params(gens: list, D: int, lay: HeadLayout, init_std: float, dev) -> HeadParams:
+    """N(0, init_std) weights from each configuration's generator, zero biases."""
     import torch
 
-    Z = _forward(params, Xval, lay)
-    accs = []
-    for h, i in enumerate(lay.order):
-        pred = Z[..., lay.columns(i)].argmax(-1)
-        y = yval[..., h]
-        ok = ((pred - y).abs() <= tol[h]) & (y >= 0)
-        accs.append(ok.sum(1) / (y >= 0).sum(1).clamp_min(1))
-    acc = torch.stack(accs, dim=1)  # (C, heads)
-    better = acc > best_score
-    best_score.copy_(torch.where(better, acc, best_score))
-    col_better = better[:, torch.as_tensor(lay.col_head, device=acc.device)]  # (C, W)
-    Wx, b, Wz = params
-    best_exp[0].copy_(torch.where(col_better[:, None, :], Wx, best_exp[0]))
-    best_exp[1].copy_(torch.where(col_better, b, best_exp[1]))
+    Wx = torch.stack([torch.randn(D, lay.width, generator=g) * init_std for g in gens]).to(dev)
+    b = torch.zeros(len(gens), lay.width, device=dev)
+    Wz = None
     if lay.cls is not None:
-        cb = better[:, -1]
-        for dst, src in zip(best_cls, params, strict=True):
-            dst.copy_(torch.where(cb.view(-1, *([1] * (src.dim() - 1))), src, dst))
+        A = lay.n_exp
+        Wz = torch.stack([torch.randn(A, lay.width - A, generator=g) * init_std
+                          for g in gens]).to(dev)
+    return HeadParams(Wx, b, Wz)
+
+
+class _ValSelector:
+    """Keeps every head's parameters from the epoch with its best validation accuracy."""
+
+    def __init__(self, params: HeadParams, X, Y: np.ndarray, val_rows: list[np.ndarray],
+                 lay: HeadLayout) -> None:
+        import torch
+
+        dev, (n, D) = X.device, X.shape
+        vmax = max(max(len(v) for v in val_rows), 1)
+        vidx = torch.full((len(val_rows), vmax), n, dtype=torch.long)
+        for c, v in enumerate(val_rows):
+            vidx[c, :len(v)] = torch.as_tensor(v)
+        vidx = vidx.to(dev)
+        self.lay = lay
+        self.X = torch.cat([X, X.new_zeros(1, D)])[vidx]
+        self.best_score = torch.full((len(val_rows), len(lay.order)), -1.0, device=dev)
+        self.best_exp = [None if p is None else p.clone() for p in params]
+        self.best_cls = [None if p is None else p.clone() for p in params]
+        self.tol = torch.as_tensor([label_spec(lay.names[i]).tolerance
+                                    if lay.names[i] in LABEL_NAMES else 0 for i in lay.order],
+                                   device=dev)
+        pad = np.concatenate([Y, np.full((1, Y.shape[1]), -1)])[:, lay.order]
+        self.y = torch.as_tensor(pad, device=dev)[vidx]  # (C, vmax, heads)
+
+    def step(self, params: HeadParams) -> None:
+        import torch
+
+        lay = self.lay
+        Z = _forward(params, self.X, lay)
+        accs = []
+        for h, i in enumerate(lay.order):
+            pred = Z[..., lay.columns(i)].argmax(-1)
+            y = self.y[..., h]
+            ok = ((pred - y).abs() <= self.tol[h]) & (y >= 0)
+            accs.append(ok.sum(1) / (y >= 0).sum(1).clamp_min(1))
+        acc = torch.stack(accs, dim=1)  # (C, heads)
+        better = acc > self.best_score
+        self.best_score.copy_(torch.where(better, acc, self.best_score))
+        col_better = better[:, torch.as_tensor(lay.col_head, device=acc.device)]  # (C, W)
+        Wx, b, _ = params
+        self.best_exp[0].copy_(torch.where(col_better[:, None, :], Wx, self.best_exp[0]))
+        self.best_exp[1].copy_(torch.where(col_better, b, self.best_exp[1]))
+        if lay.cls is not None:
+            cb = better[:, -1]
+            for dst, src in zip(self.best_cls, params, strict=True):
+                dst.copy_(torch.where(cb.view(-1, *([1] * (src.dim() - 1))), src, dst))
+
+
+class _BatchedTrainer:
+    """C configurations as one batched model: hand-written gradients of the joint
+    cross-entropy and ``torch.optim.SGD``'s momentum update, configurations sorted by steps
+    per epoch so that the ones still stepping are a prefix."""
+
+    def __init__(self, X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[ProbeRun],
+                 spec: ProbeSpec, views: np.ndarray | None) -> None:
+        import torch
+
+        n, D = X.shape
+        self.spec, self.lay, self.n = spec, layout, n
+        self.batch_size = _clamp_batch(spec.batch_size, n)
+        lrs = np.asarray([r.lr for r in runs], dtype=np.float64)
+        for value in set(lrs.tolist()):
+            check_lr(value)
+        rows = [np.asarray(r.rows, dtype=np.int64) for r in runs]
+        if any(len(r) == 0 for r in rows):
+            raise CredannoError("a configuration has no labelled training rows; use a larger "
+                                "--frac")
+        dev = self.dev = torch.device(spec.device)
+        self.feats = _features(X, views, spec.standardize, dev)
+        Y = np.asarray(Y, dtype=np.int64).reshape(n, -1)
+        self.onehot, self.valid = _targets(Y, layout, dev)
+        self.col_head = torch.as_tensor(layout.col_head, device=dev)
+        gens = [torch.Generator().manual_seed(int(r.seed)) for r in runs]
+        params = _init_params(gens, D, layout, spec.init_std, dev)
+        # configurations sorted by steps per epoch, so the active ones are a prefix
+        steps = np.array([math.ceil(len(r) / self.batch_size) for r in rows])
+        order = np.argsort(-steps, kind="stable")
+        self.inv = np.argsort(order)
+        steps_sorted = steps[order]
+        self.n_active = [int((steps_sorted > j).sum()) for j in range(int(steps_sorted[0]))]
+        self.width = int(steps_sorted[0]) * self.batch_size
+        self.lr = torch.as_tensor(lrs[order], dtype=torch.float32, device=dev)
+        self.params = HeadParams(*(None if p is None else p[order].contiguous()
+                                   for p in params))
+        self.bufs = [torch.zeros_like(p) for p in self.params if p is not None]
+        self.gens = [gens[c] for c in order]
+        self.rows = [torch.as_tensor(rows[c]) for c in order]
+        self.selector = None
+        if any(r.val_rows is not None for r in runs):
+            val = [np.asarray(() if runs[c].val_rows is None else runs[c].val_rows,
+                              dtype=np.int64) for c in order]
+            self.selector = _ValSelector(self.params, self.feats.X, Y, val, layout)
+
+    def run(self, progress: bool) -> JointHeads:
+        import torch
+
+        epochs = range(self.spec.epochs)
+        if progress:
+            from tqdm import tqdm
+            epochs = tqdm(epochs, desc=f"probes ({len(self.rows)} configurations)",
+                          unit="epoch")
+        with torch.no_grad():
+            for epoch in epochs:
+                self._epoch(epoch)
+                if self.selector is not None:
+                    self.selector.step(self.params)
+        if self.selector is not None:
+            exp_p, cls_p = HeadParams(*self.selector.best_exp), HeadParams(*self.selector.best_cls)
+        else:
+            exp_p = cls_p = self.params
+        inv = torch.as_tensor(self.inv, device=self.dev)
+
+        def unsort(p: HeadParams) -> HeadParams:
+            return HeadParams(*(None if t is None else t[inv] for t in p))
+
+        f = self.feats
+        mean = None if f.mean is None else torch.from_numpy(f.mean).to(self.dev)
+        scale = None if f.scale is None else torch.from_numpy(f.scale).to(self.dev)
+        return JointHeads(self.lay, unsort(exp_p), unsort(cls_p), mean, scale)
+
+    def _epoch(self, epoch: int) -> None:
+        """One epoch: per-configuration shuffles (padded with the dummy row n), then the
+        steps, with the cosine schedule's rate (``CosineAnnealingLR``)."""
+        import torch
+
+        C, n, bs = len(self.rows), self.n, self.batch_size
+        lr_now = self.lr * (0.5 * (1 + math.cos(math.pi * epoch / self.spec.epochs)))
+        idx = torch.full((C, self.width), n, dtype=torch.long)
+        for c in range(C):
+            r = self.rows[c]
+            idx[c, :len(r)] = r[torch.randperm(len(r), generator=self.gens[c])]
+        vsel = None
+        if self.feats.n_views > 1:
+            vsel = torch.stack([torch.randint(self.feats.n_views, (self.width,),
+                                              generator=self.gens[c]) for c in range(C)])
+        idx = idx.to(self.dev)
+        for j, na in enumerate(self.n_active):
+            bi = idx[:na, j * bs:(j + 1) * bs]
+            safe = torch.where(bi < n, bi, 0)
+            if vsel is not None:
+                vs = vsel[:na, j * bs:(j + 1) * bs].to(self.dev)
+                Xb = self.feats.bank[vs * n + safe]
+            else:
+                Xb = self.feats.bank[safe]
+            self._step(Xb, bi, na, lr_now)
+
+    def _step(self, Xb, bi, na: int, lr_now) -> None:
+        """One SGD step of the first ``na`` configurations on minibatch rows ``bi``."""
+        import torch
+
+        lay, A = self.lay, self.lay.n_exp
+        Wx, b, Wz = (None if p is None else p[:na] for p in self.params)
+        Z = _forward((Wx, b, Wz), Xb, lay)
+        P = _grid_softmax(Z, lay)
+        mask = self.valid[bi]  # (na, B, heads); padding row n is all zero
+        cnt = mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+        G = (P - self.onehot[bi]) * (mask / cnt)[..., self.col_head]
+        if Wz is not None:
+            Gc = G[..., A:]
+            dWz = torch.bmm(Z[..., :A].transpose(1, 2), Gc)
+            G = torch.cat([G[..., :A] + torch.bmm(Gc, Wz.transpose(1, 2)), Gc], -1)
+        dWx = torch.bmm(Xb.transpose(1, 2), G)
+        grads = [dWx, G.sum(dim=1)] + ([dWz] if Wz is not None else [])
+        params = [Wx, b] + ([Wz] if Wz is not None else [])
+        for p, buf, g in zip(params, self.bufs, grads, strict=True):
+            bf = buf[:na]
+            bf.mul_(self.spec.momentum).add_(g)  # torch.optim.SGD's momentum buffer
+            p.sub_(bf * lr_now[:na].view(-1, *([1] * (p.dim() - 1))))
 
 
 class JointLinearProbe:
@@ -410,24 +503,20 @@ class JointLinearProbe:
 
     def fit(self, X: np.ndarray, Y, views: np.ndarray | None = None) -> JointLinearProbe:
         """Train on all rows of ``X`` (n, D) (``select="val"``: hold out ``val_frac``)."""
+        from credanno.eval.specs import ProbeSpec
+
         self._single = False
         Yarr, layout = self._layout(Y)
-        X = np.asarray(X, dtype=np.float32)
-        if not np.isfinite(X).all():
-            raise CredannoError("features contain NaN or Inf; clean them before fitting")
-        if self.select not in SELECTIONS:
-            raise CredannoError(f"unknown selection {self.select!r}; use one of "
-                                f"{', '.join(SELECTIONS)}")
+        X = require_finite(np.asarray(X, dtype=np.float32), "features")
+        spec = ProbeSpec(kind=None, epochs=self.epochs, batch_size=self.batch_size,
+                         momentum=self.momentum, select=self.select, val_frac=self.val_frac,
+                         standardize=self.standardize, device=self.device)
         rows = np.arange(len(X))
         val = None
         if self.select == "val":
-            rows, v = split_validation(rows, self.val_frac, self.seed)
-            val = [v]
-        self.heads_ = train_joint_heads(X, Yarr, layout, [rows], epochs=self.epochs,
-                                        lr=self.lr, batch_size=self.batch_size,
-                                        momentum=self.momentum, seeds=self.seed,
-                                        device=self.device, views=views, val_rows=val,
-                                        standardize=self.standardize)
+            rows, val = split_validation(rows, self.val_frac, self.seed)
+        run = ProbeRun(rows, self.lr, self.seed, val)
+        self.heads_ = train_joint_heads(X, Yarr, layout, [run], spec, views=views)
         self.layout_ = layout
         self.classes_ = [np.arange(c) for c in layout.n_classes]
         return self
@@ -483,112 +572,72 @@ def split_validation(rows: np.ndarray, val_frac: float, seed: int,
     return np.sort(rows[~pick]), np.sort(rows[pick])
 
 
-def probe_sweep_arrays(train_x: np.ndarray, train_table: pd.DataFrame, test_x: np.ndarray,
-                       test_table: pd.DataFrame, fracs: Sequence[float] | float = (1.0,),
-                       seeds: Sequence[int] | int = (0,), labels: Sequence[str] | None = None,
-                       *, n_labels: Sequence[int] | int | None = None,
-                       mode: str = "annotation", stratify: str | bool | None = None,
-                       epochs: int = 100, lr: float | None = None, batch_size: int = 128,
-                       momentum: float = 0.9, select: str = "last", val_frac: float = 0.2,
-                       standardize: bool = True, train_views: np.ndarray | None = None,
-                       device: str = "cpu", n_boot: int = 1000, progress: bool = False,
-                       config: dict | None = None):
-    """Joint probes for every (label fraction, seed), trained as one batched model."""
+def _probe_run(subset: Subset, probe: ProbeSpec) -> ProbeRun:
+    """The training run of one labelled subset (its validation part carved out for
+    ``select="val"``, whole nodules when the subset was drawn nodule-wise)."""
+    lr = probe.lr if probe.lr is not None else paper_lr(subset.frac)
+    if probe.select == "val":
+        fit, val = split_validation(subset.rows, probe.val_frac, subset.seed, subset.groups)
+        return ProbeRun(fit, lr, subset.seed, val)
+    return ProbeRun(subset.rows, lr, subset.seed)
+
+
+def _probe_sweep_data(data: EvalData, subsets: SubsetSpec, probe: ProbeSpec, n_boot: int,
+                      progress: bool) -> EvalResult:
+    """Joint probes for every labelled subset, trained as one batched model."""
     import torch
 
-    from credanno.eval.knn import _label_sizes
     from credanno.eval.results import ConfigPredictions, build_result
-    from credanno.eval.subsets import label_subset, missing_classes, warn_missing_classes
+    from credanno.eval.subsets import draw_subsets, warn_subsets_missing_classes
 
-    if select not in SELECTIONS:
-        raise CredannoError(f"unknown selection {select!r}; use one of {', '.join(SELECTIONS)}")
-    # every setting is checked before the subsets are drawn
-    if lr is not None:
-        lr = check_lr(lr)
-    checks.count(epochs, "--epochs")
-    batch_size = _clamp_batch(batch_size, len(train_x))
-    device = resolve_device(device)
-    seeds = checks.seeds([seeds] if np.isscalar(seeds) else seeds)
-    if labels is None:
-        labels = [n for n in LABEL_NAMES if n in train_table.columns]
-    labels = list(labels)
+    probe = replace(probe, batch_size=_clamp_batch(probe.batch_size, len(data.train_x)))
+    labels = list(data.labels)
     layout = HeadLayout(labels, [label_spec(n).n_classes for n in labels],
                         labels.index("malignancy") if "malignancy" in labels else None)
-    Y = train_table[labels].to_numpy().astype(np.int64)
-    nodules = train_table["nodule_id"].to_numpy()
-
-    settings, train_rows, val_rows, lrs = [], [], [], []
-    absent: dict[tuple[float, str], list[int]] = {}
-    for frac, f_arg, n_arg in _label_sizes(train_table, fracs, n_labels):
-        for seed in seeds:
-            subset = label_subset(train_table, frac=f_arg, n=n_arg, mode=mode,
-                                  stratify=stratify, seed=seed)
-            for j, name in enumerate(labels):
-                if missing_classes(Y[:, j], Y[subset, j]):
-                    absent.setdefault((frac, name), []).append(seed)
-            if select == "val":
-                fit, val = split_validation(subset, val_frac, seed,
-                                            nodules[subset] if mode == "nodule" else None)
-                val_rows.append(val)
-            else:
-                fit = subset
-            train_rows.append(fit)
-            lrs.append(lr if lr is not None else paper_lr(frac))
-            settings.append((frac, seed, len(subset)))
-    if absent:
-        warn_missing_classes(absent)
-    heads = train_joint_heads(train_x, Y, layout, train_rows, epochs=epochs, lr=lrs,
-                              batch_size=batch_size, momentum=momentum,
-                              seeds=[s for _, s, _ in settings], device=device,
-                              views=train_views, val_rows=val_rows or None,
-                              standardize=standardize, progress=progress)
+    Y = data.train_table[labels].to_numpy().astype(np.int64)
+    drawn = draw_subsets(subsets, data.train_table)
+    runs = [_probe_run(s, probe) for s in drawn]
+    warn_subsets_missing_classes(drawn, Y, labels)
+    heads = train_joint_heads(data.train_x, Y, layout, runs, probe, views=data.train_views,
+                              progress=progress)
     with torch.no_grad():
-        Xq = torch.as_tensor(np.ascontiguousarray(test_x, dtype=np.float32), device=device)
+        Xq = torch.as_tensor(np.ascontiguousarray(data.test_x, dtype=np.float32),
+                             device=probe.device)
         probs = [p.cpu().numpy() for p in _predict_heads(heads, Xq)]
     configs = []
-    for c, (frac, seed, n_lab) in enumerate(settings):
+    for c, s in enumerate(drawn):
         proba = {name: probs[j][c] for j, name in enumerate(labels)}
         pred = {name: p.argmax(axis=1) for name, p in proba.items()}
-        configs.append(ConfigPredictions("probe", None, frac, seed, n_lab, pred, proba))
-    cfg = {"method": "probe", "seeds": seeds, "mode": mode, "stratify": stratify,
-           "epochs": epochs, "lr": lr, "lrs": lrs, "batch_size": batch_size,
-           "momentum": momentum, "select": select, "val_frac": val_frac,
-           "standardize": standardize, "views": 0 if train_views is None
-           else int(train_views.shape[0]), "labels": labels, **(config or {})}
-    return build_result(configs, test_table, labels, n_boot=n_boot, config=cfg)
+        configs.append(ConfigPredictions("probe", None, s.frac, s.seed, len(s.rows), pred,
+                                         proba))
+    views = 0 if data.train_views is None else int(data.train_views.shape[0])
+    cfg = {"method": "probe", "seeds": list(subsets.seeds), "mode": subsets.mode,
+           "stratify": subsets.stratify, "epochs": probe.epochs, "lr": probe.lr,
+           "lrs": [r.lr for r in runs], "batch_size": probe.batch_size,
+           "momentum": probe.momentum, "select": probe.select, "val_frac": probe.val_frac,
+           "standardize": probe.standardize, "views": views, "labels": labels,
+           **data.record()}
+    return build_result(configs, data.test_table, labels, n_boot=n_boot, config=cfg)
 
 
-def probe_sweep(store_or_path=None, fracs: Sequence[float] | float = (1.0,),
-                seeds: Sequence[int] | int = (0,), labels: Sequence[str] | str | None = None,
-                kind: str | None = "last4", epochs: int = 100, lr: float | None = None,
-                device: str = "cpu", progress: bool = False, *,
-                n_labels: Sequence[int] | int | None = None, mode: str = "annotation",
-                stratify: str | bool | None = None, select: str = "last",
-                val_frac: float = 0.2, batch_size: int = 128, momentum: float = 0.9,
-                standardize: bool = True, use_views: bool = True, test_store=None,
-                n_boot: int = 1000):
+def probe_sweep(store: StoreLike | EvalData = None, subsets: SubsetSpec | None = None,
+                probe: ProbeSpec | None = None, *, labels: Sequence[str] | str | None = None,
+                test_store: StoreLike = None, n_boot: int = 1000,
+                progress: bool = False) -> EvalResult:
     """Linear-probe evaluation of a feature store (default: the newest under ``stores/``).
 
-    ``kind=None`` uses ``last4`` when the store has it, else its default feature set.
-    ``lr=None`` takes the paper's rate per configuration (5e-4 full, 2.5e-4 partial).
-    Stored augmented views of the training rows are used when present (``use_views``).
-    Returns an :class:`~credanno.eval.results.EvalResult`.
+    ``store`` may also be an :class:`EvalData` (e.g. :meth:`EvalData.from_arrays`), whose
+    labels and views are then used. ``subsets`` (default: all labels, seed 0) says which
+    training rows keep their labels; ``probe`` (default: the paper's recipe on ``last4``
+    features) how the heads are trained. Returns an
+    :class:`~credanno.eval.results.EvalResult`.
     """
-    from credanno.eval.data import load_eval_data
+    from credanno.eval.specs import ProbeSpec, SubsetSpec
 
-    # checked before the store is read, so that a typo costs nothing
-    if lr is not None:
-        check_lr(lr)
-    checks.count(epochs, "--epochs")
-    checks.count(batch_size, "--batch-size")
-    device = resolve_device(device)
-    checks.seeds([seeds] if np.isscalar(seeds) else seeds)
-    data = load_eval_data(store_or_path, kind, labels, test_store=test_store,
-                          views=use_views)
-    return probe_sweep_arrays(
-        data.train_x, data.train_table, data.test_x, data.test_table, fracs, seeds,
-        data.labels, n_labels=n_labels, mode=mode, stratify=stratify, epochs=epochs, lr=lr,
-        batch_size=batch_size, momentum=momentum, select=select, val_frac=val_frac,
-        standardize=standardize, train_views=data.train_views, device=device,
-        n_boot=n_boot, progress=progress, config={"kind": data.kind, "stores": data.paths,
-                               "provenance": data.provenance})
+    subsets = SubsetSpec() if subsets is None else subsets
+    probe = ProbeSpec() if probe is None else probe
+    if isinstance(store, EvalData):
+        return _probe_sweep_data(store, subsets, probe, n_boot, progress)
+    with open_eval_data(store, probe.kind, labels, test_store=test_store,
+                        views=probe.views) as data:
+        return _probe_sweep_data(data, subsets, probe, n_boot, progress)

@@ -20,6 +20,7 @@ import pandas as pd
 
 from credanno.eval import metrics
 from credanno.labels import ATTRIBUTE_NAMES, LABEL_NAMES, SUMMARY_ATTRIBUTES, label_spec
+from credanno.numerics import mean_sd
 from credanno.outputs import write_csv
 
 RESULT_COLUMNS: tuple[str, ...] = ("method", "label", "k", "frac", "seed", "acc", "exact_acc",
@@ -261,8 +262,7 @@ def format_summary(summary: pd.DataFrame) -> str:
         ["method", "frac", "k", "_o"], key=lambda c: c.map(lambda v: -1 if v is None else v),
         kind="stable")
     for r in s.itertuples(index=False):
-        sd = "" if r.acc_sd is None or math.isnan(r.acc_sd) else f" +/- {100 * r.acc_sd:5.2f}"
-        acc = f"{100 * r.acc:.2f}{sd}"
+        acc = mean_sd(r.acc, r.acc_sd, pm="+/-", sd_width=5)
         label = r.label + ("*" if r.label not in ("malignancy", *SUMMARY_ATTRIBUTES) else "")
         k = "-" if r.k is None else str(int(r.k))
         lo, hi = r.ci95

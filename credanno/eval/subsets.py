@@ -13,6 +13,7 @@ seed lies inside 10% of the same seed (annotation-reduction curves stay comparab
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,23 @@ import pandas as pd
 from credanno.errors import CredannoError, CredannoWarning
 from credanno.labels import label_spec
 
+if TYPE_CHECKING:
+    from credanno.eval.specs import SubsetSpec
+
 MODES: tuple[str, ...] = ("annotation", "nodule")
+
+
+def check_frac(frac: float) -> float:
+    """A label fraction: a number in (0, 1]."""
+    try:
+        frac = float(frac)
+    except (TypeError, ValueError):
+        raise CredannoError(f"label fraction {frac!r} is not a number; "
+                            "pass e.g. --frac 0.01,0.1,1") from None
+    if not 0 < frac <= 1:
+        raise CredannoError(f"label fraction must be in (0, 1], got {frac:g}; "
+                            "pass e.g. --frac 0.01,0.1,1")
+    return frac
 
 
 def subset_size(n_rows: int, frac: float | None = None, n: int | None = None) -> int:
@@ -28,11 +45,7 @@ def subset_size(n_rows: int, frac: float | None = None, n: int | None = None) ->
     if (frac is None) == (n is None):
         raise CredannoError("give exactly one of a label fraction (--frac) or a count (--n-labels)")
     if frac is not None:
-        frac = float(frac)
-        if not 0 < frac <= 1:
-            raise CredannoError(f"label fraction must be in (0, 1], got {frac:g}; "
-                                "pass e.g. --frac 0.01,0.1,1")
-        return max(1, int(round(frac * n_rows)))
+        return max(1, int(round(check_frac(frac) * n_rows)))
     n = int(n)
     if n <= 0:
         raise CredannoError(f"number of labelled images must be positive, got {n}")
@@ -42,7 +55,8 @@ def subset_size(n_rows: int, frac: float | None = None, n: int | None = None) ->
     return n
 
 
-def _stratify_column(stratify: str | bool | None) -> str | None:
+def stratify_column(stratify: str | bool | None) -> str | None:
+    """The label a subset is stratified by: None/False none, True malignancy, else a name."""
     if stratify is None or stratify is False:
         return None
     if stratify is True:
@@ -95,7 +109,7 @@ def label_subset(table_train: pd.DataFrame, frac: float | None = None, n: int | 
         raise CredannoError("the training split is empty; the store has no training rows")
     target = subset_size(n_rows, frac, n)
     rng = np.random.default_rng(int(seed))
-    col = _stratify_column(stratify)
+    col = stratify_column(stratify)
 
     if mode == "annotation":
         units = np.arange(n_rows)
@@ -147,3 +161,40 @@ def warn_missing_classes(report: dict[tuple[float, str], list[int]]) -> None:
         warnings.warn(f"label fraction {frac:g} leaves classes without labelled examples for "
                       f"{parts}; those classes cannot be predicted there",
                       CredannoWarning, stacklevel=3)
+
+
+class Subset(NamedTuple):
+    """One labelled subset: the training rows that keep their labels, the fraction and seed
+    it was drawn for, and its rows' nodules where it was drawn nodule-wise (so that a
+    validation part can be carved from whole nodules)."""
+
+    frac: float
+    seed: int
+    rows: np.ndarray
+    groups: np.ndarray | None = None
+
+
+def draw_subsets(spec: SubsetSpec, table_train: pd.DataFrame) -> list[Subset]:
+    """Every subset of ``spec`` (fractions, then seeds) drawn from ``table_train``; the one
+    source of labelled rows for k-NN, the probes and the end-to-end baseline."""
+    nodules = table_train["nodule_id"].to_numpy() if spec.mode == "nodule" else None
+    out = []
+    for frac, f_arg, n_arg in spec.sizes(len(table_train)):
+        for seed in spec.seeds:
+            rows = label_subset(table_train, frac=f_arg, n=n_arg, mode=spec.mode,
+                                stratify=spec.stratify, seed=seed)
+            out.append(Subset(frac, seed, rows, None if nodules is None else nodules[rows]))
+    return out
+
+
+def warn_subsets_missing_classes(subsets: list[Subset], labels_all: np.ndarray,
+                                 names: list[str]) -> None:
+    """One warning per fraction naming labels whose subset misses a class of the training
+    split (``labels_all``: (n_train, L) int labels, -1 missing, columns named ``names``)."""
+    absent: dict[tuple[float, str], list[int]] = {}
+    for s in subsets:
+        for j, name in enumerate(names):
+            if missing_classes(labels_all[:, j], labels_all[s.rows, j]):
+                absent.setdefault((s.frac, name), []).append(s.seed)
+    if absent:
+        warn_missing_classes(absent)

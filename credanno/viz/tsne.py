@@ -28,6 +28,7 @@ import pandas as pd
 from credanno import checks
 from credanno.cache import Cache, content_identity
 from credanno.errors import CredannoError, CredannoWarning
+from credanno.numerics import l2_normalise
 
 SPLITS = ("train", "test", "all")
 #: Bump when the way maps are computed changes, so that old cache entries are ignored.
@@ -84,12 +85,7 @@ def _save_cached(cache: Cache, key: dict[str, Any], coords: np.ndarray) -> None:
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    if not np.isfinite(x).all():
-        raise CredannoError("store features contain NaN or Inf; re-create the store with "
-                            "`credanno embed`")
-    norm = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norm, 1e-12)
+    return l2_normalise(x, dtype=np.float64, what="store features")
 
 
 def _perplexity(perplexity: float, n: int) -> float:

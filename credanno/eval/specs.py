@@ -1,0 +1,148 @@
+"""What an evaluation runs, as small frozen specs: the CLI builds them, the library takes them.
+
+- :class:`SubsetSpec`: which training rows keep their labels (label fractions or counts,
+  drawn per annotation or per nodule, optionally stratified, over seeds);
+- :class:`KnnSpec`: the k-NN classifier (k, temperature, weighting, feature set, device);
+- :class:`ProbeSpec`: the trained linear predictors G_exp/G_cls (the paper's recipe).
+
+Each validates its fields once, at construction, with the one-line errors of the CLI
+options they come from, so that a typo fails before any store is read. Numbers are kept
+in canonical form (tuples, sorted unique k, resolved label names), which is what the
+sweeps record in ``EvalResult.config``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from credanno import checks
+from credanno.errors import CredannoError
+
+
+def _tuple(values) -> tuple:
+    if values is None:
+        return ()
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        return (values,)
+    return tuple(values)
+
+
+def _set(spec, **fields) -> None:
+    for name, value in fields.items():
+        object.__setattr__(spec, name, value)  # frozen: canonical values set once
+
+
+@dataclass(frozen=True)
+class SubsetSpec:
+    """The labelled subsets: every label fraction (or count) x every seed.
+
+    ``fracs``: label fractions in (0, 1] of the training images; ``n_labels``: numbers of
+    labelled images instead (when given, ``fracs`` is not used); ``mode``: draw images one
+    by one (``"annotation"``, the paper) or whole nodules (``"nodule"``); ``stratify``: a
+    label name (``True`` = malignancy) whose classes share the budget; ``seeds``: one
+    subset per seed (seed s of a smaller fraction lies inside seed s of a larger one).
+    """
+
+    fracs: tuple[float, ...] = (1.0,)
+    n_labels: tuple[int, ...] | None = None
+    mode: str = "annotation"
+    stratify: str | None = None
+    seeds: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        from credanno.eval.subsets import MODES, check_frac, stratify_column
+
+        if self.mode not in MODES:
+            raise CredannoError(f"unknown subset mode {self.mode!r}; choose one of "
+                                f"{', '.join(MODES)}")
+        n_labels = None
+        if self.n_labels is not None:
+            n_labels = tuple(checks.count(n, "--n-labels") for n in _tuple(self.n_labels))
+            if not n_labels:
+                raise CredannoError("--n-labels is empty; pass e.g. --n-labels 20")
+        fracs = tuple(check_frac(f) for f in _tuple(self.fracs))
+        if n_labels is None and not fracs:
+            raise CredannoError("no label fraction given; pass e.g. --frac 0.01,0.1,1")
+        _set(self, fracs=fracs, n_labels=n_labels, stratify=stratify_column(self.stratify),
+             seeds=tuple(checks.seeds(_tuple(self.seeds))))
+
+    def sizes(self, n_train: int) -> list[tuple[float, float | None, int | None]]:
+        """``(recorded fraction, fraction, count)`` per setting, for ``n_train`` images."""
+        if self.n_labels is not None:
+            return [(n / n_train, None, n) for n in self.n_labels]
+        return [(f, f, None) for f in self.fracs]
+
+
+@dataclass(frozen=True)
+class KnnSpec:
+    """The weighted k-NN classifier (the paper's section 3.1).
+
+    ``ks``: numbers of neighbours (all answered from one search); ``T``: temperature of the
+    ``exp(sim / T)`` votes; ``weighting``: ``"exp"`` or ``"majority"``; ``kind``: the
+    store's feature set; ``block_rows``: stream the training features in blocks of this
+    many rows instead of loading them; ``device``: ``cpu``/``cuda`` for faiss (None: GPU
+    when faiss sees one).
+    """
+
+    ks: tuple[int, ...] = (20,)
+    T: float = 0.1
+    weighting: str = "exp"
+    kind: str = "cls"
+    block_rows: int | None = None
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        from credanno.eval.knn import check_ks, check_T, get_weighting
+        from credanno.runtime import check_device
+
+        get_weighting(self.weighting)
+        block_rows = self.block_rows
+        if block_rows is not None:
+            if isinstance(block_rows, bool) or int(block_rows) <= 0:
+                raise CredannoError(f"--block-rows must be positive, got {block_rows}")
+            block_rows = int(block_rows)
+        _set(self, ks=tuple(check_ks(_tuple(self.ks))), T=check_T(self.T),
+             block_rows=block_rows, device=check_device(self.device))
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """The trained linear predictors G_exp and G_cls (the paper's section 3 recipe).
+
+    ``lr=None``: the paper's rate per label fraction (5e-4 with all labels, 2.5e-4 with
+    partial labels); ``select``: the last epoch, or each head's best epoch on ``val_frac``
+    of the labelled subset (``"val"``); ``standardize``: scale features by the training
+    split's mean and sd; ``views``: train on the store's augmented views when it has them;
+    ``kind=None``: ``last4`` when the store has it, else its default feature set;
+    ``device``: cpu, cuda or cuda:N (None: cuda when available).
+    """
+
+    kind: str | None = "last4"
+    epochs: int = 100
+    lr: float | None = None
+    batch_size: int = 128
+    momentum: float = 0.9
+    select: str = "last"
+    val_frac: float = 0.2
+    standardize: bool = True
+    views: bool = True
+    device: str | None = None  # None: runtime.default_device() (a GPU when torch sees one)
+    init_std: float = 0.01
+
+    def __post_init__(self) -> None:
+        from credanno.eval.probe import SELECTIONS, check_lr
+        from credanno.runtime import resolve_device
+
+        if self.select not in SELECTIONS:
+            raise CredannoError(f"unknown selection {self.select!r}; use one of "
+                                f"{', '.join(SELECTIONS)}")
+        _set(self, lr=None if self.lr is None else check_lr(self.lr),
+             epochs=checks.count(self.epochs, "--epochs"),
+             batch_size=checks.count(self.batch_size, "--batch-size"),
+             momentum=checks.finite(self.momentum, "momentum", low=0, high=1,
+                                    low_open=False, high_open=True),
+             val_frac=checks.finite(self.val_frac, "--val-frac", low=0, high=1,
+                                    high_open=True, example="0.2"),
+             init_std=checks.finite(self.init_std, "init_std", low=0, low_open=False),
+             device=resolve_device(self.device))
