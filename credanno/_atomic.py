@@ -118,9 +118,14 @@ def _target(path: Path) -> Path:
     return path
 
 
+#: Names of a process's own streams: even when stdout is redirected to a regular file,
+#: replacing that file would cut it off from the shell's open descriptor.
+_STREAM_NAMES = ("/dev/stdout", "/dev/stderr", "/dev/fd/", "/proc/")
+
+
 def _writes_through(path: Path) -> bool:
-    """Devices, FIFOs and sockets (and anything under /dev or /proc) cannot be renamed onto."""
-    if str(path).startswith(("/dev/", "/proc/")):
+    """Devices, FIFOs, sockets and the process's streams cannot be renamed onto."""
+    if str(path).startswith(_STREAM_NAMES):
         return True
     try:
         mode = os.stat(path).st_mode

@@ -274,6 +274,21 @@ def test_char_device_is_written_through_not_replaced(tmp_path):
     assert not [n for n in os.listdir("/dev") if n.endswith(".part")]
 
 
+def test_regular_file_under_dev_shm_is_still_atomic(tmp_path):
+    """Only devices, FIFOs and the process's streams are written through, not every /dev path."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm here")
+    target = shm / f"credanno-test-{os.getpid()}.csv"
+    try:
+        with atomic_path(target) as tmp:
+            assert tmp != target and tmp.parent == shm
+            tmp.write_text("x\n")
+        assert target.read_text() == "x\n"
+    finally:
+        target.unlink(missing_ok=True)
+
+
 def test_dev_full_is_one_line_space_error():
     with pytest.raises(CredannoError, match=r"not enough disk space for /dev/full"):
         with atomic_path("/dev/full", option="--csv") as p, open(p, "w") as f:
