@@ -257,3 +257,33 @@ def test_report_template_renders_every_placeholder(tmp_path):
     assert "beats same architecture, random weights in 2 of 2 and raw pixels in 2 of 2" in text
     assert "](figures/tsne_compare.png)" in text and "| prepare (phantom) | 1.0 | yes |" in text
     assert "- fig4: k clamped\n\nTables as CSV" in text and text.endswith("the stores.\n")
+
+
+def test_demo_adopts_a_patch_file_of_its_source_left_without_a_manifest(tmp_path, tiny_table,
+                                                                         monkeypatch):
+    """A demo folder of an older version has no manifests: its patch file is kept when it
+    is of the demo's source (its finished pretraining run is tied to the file's bytes)."""
+    from credanno.data.patchfile import write_patch_file
+    from credanno.demo import DemoSpec, Freshness, StageRunner, declare_stages, pipeline
+    from credanno.synthetic import synthetic_images
+
+    prepared = []
+    monkeypatch.setattr(pipeline, "_prepare", lambda d: prepared.append(d.spec.source))
+
+    def run_prepare(source):
+        d = pipeline._setup(tmp_path / "demo", DemoSpec(seeds=1, device="cpu",
+                                                        source=source, preset="cpu-tiny"),
+                            progress=False)
+        runner = StageRunner(Freshness(d.path("cache", "stages")))
+        runner.run_all(declare_stages(d, runner)[:1])
+        return d, runner.reused["prepare"]
+
+    path = tmp_path / "demo" / "data" / "synthetic.h5"
+    path.parent.mkdir(parents=True)
+    write_patch_file(path, synthetic_images(tiny_table), tiny_table, {"source": "other"})
+    d, reused = run_prepare("synthetic")
+    assert not reused and prepared == ["synthetic"]  # another source: made again
+    write_patch_file(path, synthetic_images(tiny_table), tiny_table, {"source": "synthetic"})
+    Freshness(d.path("cache", "stages")).manifest(declare_stages(d, None)[0]).unlink()
+    assert run_prepare("synthetic")[1] and prepared == ["synthetic"]  # adopted
+    assert run_prepare("synthetic")[1] and prepared == ["synthetic"]  # now by its manifest

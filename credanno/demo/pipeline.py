@@ -153,7 +153,8 @@ def declare_stages(d: _Demo, runner: StageRunner) -> list[Stage]:
         prepare = Stage("prepare", run=lambda: True, title="prepare (given patch file)")
     else:
         prepare = Stage("prepare", run=partial(_prepare, d), outputs=(d.patch,),
-                        params={"source": spec.source}, title=f"prepare ({spec.source})")
+                        params={"source": spec.source}, title=f"prepare ({spec.source})",
+                        adopt=partial(_is_patch_file_of, d.patch, spec.source))
     embeds = tuple(
         Stage(f"embed {name}", run=partial(_embed, d, name), outputs=(d.stores[name],),
               inputs=(d.patch,) if name == "pixels" else (d.patch, d.checkpoint),
@@ -179,6 +180,17 @@ def _prepare(d: _Demo) -> None:
     from credanno.data import prepare
 
     prepare(source=d.spec.source, out=d.patch, progress=d.progress)
+
+
+def _is_patch_file_of(path: Path, source: str) -> bool:
+    """``path`` is a readable patch file of ``source`` (prepare() always rebuilds; keeping
+    it keeps the pretraining run and stores made from it valid)."""
+    from credanno.data import read_patch_file
+
+    try:
+        return read_patch_file(path, images=False).attrs.get("source") == source
+    except CredannoError:
+        return False
 
 
 def _pretrain(d: _Demo) -> bool:

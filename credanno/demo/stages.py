@@ -12,7 +12,11 @@ themselves (:func:`credanno.cache.content_identity`: a patch file's or store's
 ``content_id``, else the sha256 of the file). Sizes and modification times play no part: a
 file rewritten with other content can keep both (``os.utime``, ``cp -p``). A stage that
 declares no outputs (evaluation, figures, the report, whose results later stages need in
-memory) always runs; pretraining's resume logic stays in :mod:`credanno.pretrain`.
+memory) always runs; pretraining's resume logic stays in :mod:`credanno.pretrain`. Outputs
+found without any manifest are made again unless the stage can check them against its
+params (``Stage.adopt``: the demo's patch file records its source); the demo needs that
+for folders of older versions, whose finished pretraining run is tied to the patch file's
+bytes.
 
 Manifests are small JSON files, one per stage, written atomically after the stage's
 outputs, and removed before a stage reruns, so a killed run never leaves a manifest that
@@ -47,6 +51,9 @@ class Stage:
     recorded like a freshness decision. ``parts`` are sub-stages timed as this one stage
     (each judged by the freshness rule on its own), run before ``run`` if both are given.
     ``title`` is the progress line and the row of the timing table (default ``name``).
+    ``adopt`` decides whether outputs found without any manifest (left by an older
+    credanno, or after ``cache/`` was deleted) were made with these params, when the
+    outputs record them (a patch file its source); without it such outputs are made again.
     """
 
     name: str
@@ -56,6 +63,7 @@ class Stage:
     params: Mapping[str, Any] = field(default_factory=dict)
     parts: tuple[Stage, ...] = ()
     title: str = ""
+    adopt: Callable[[], bool] | None = None
 
     @property
     def label(self) -> str:
@@ -94,11 +102,20 @@ class Freshness:
             return False  # no manifest, or a damaged one: make the outputs again
         return saved == self.record(stage)
 
+    def _adopted(self, stage: Stage) -> bool:
+        """Outputs without a manifest that ``stage.adopt`` vouches for get one now."""
+        paths = (*stage.inputs, *stage.outputs)
+        if (stage.adopt is None or self.manifest(stage).exists()
+                or not all(p.is_file() for p in paths) or not stage.adopt()):
+            return False
+        write_json(self.record(stage), self.manifest(stage), option="--out")
+        return True
+
     def run(self, stage: Stage) -> bool | None:
         """Skip ``stage`` if fresh (True), else run it and write its manifest (False)."""
         if not stage.outputs:  # nothing to reuse: always runs
             return stage.run() if stage.run else None
-        if self.is_fresh(stage):
+        if self.is_fresh(stage) or self._adopted(stage):
             return True
         self.manifest(stage).unlink(missing_ok=True)
         if stage.run:
