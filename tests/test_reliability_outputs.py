@@ -148,7 +148,7 @@ def test_demo_report_escapes_file_strings(tmp_path):
     from credanno.bench.fig2 import fig2_from_table1
     from credanno.bench.fig4 import Fig4Result
     from credanno.bench.table1 import Table1Config, run_table1
-    from credanno.demo import _report_text
+    from credanno.demo.report import ReportInputs, report_text
 
     store = _evil_store(tmp_path)
     t1 = run_table1(store, seeds=(0,), configs=(Table1Config("full", "5-NN", "knn", 1.0, 5),))
@@ -161,9 +161,10 @@ def test_demo_report_escapes_file_strings(tmp_path):
                                                          "fig4")}
     cfg = SimpleNamespace(preset="cpu-tiny", arch="vit_tiny", model_kwargs={}, epochs=1)
     run = SimpleNamespace(run_dir=out / "runs" / "demo", metrics=[])
-    text = _report_text(out, {"teacher": t1}, f2, f4, figures, cfg, run,
-                        tmp_path / "pa`tch.h5", [0], {"prepare (given patch file)": 1.0},
-                        {}, ["prepare: <b>bold</b>\n# not a heading"])
+    text = report_text(ReportInputs(
+        out=out, t1={"teacher": t1}, f2=f2, f4=f4, figures=figures, cfg=cfg, run=run,
+        patch=tmp_path / "pa`tch.h5", seeds=[0], timings={"prepare (given patch file)": 1.0},
+        reused={}, notes=["prepare: <b>bold</b>\n# not a heading"]))
     _assert_escaped(text)
     assert "<b>" not in text and "- prepare: &lt;b&gt;bold&lt;/b&gt; # not a heading" in text
     assert f"Patch file: ``{tmp_path / 'pa`tch.h5'}``" in text

@@ -27,11 +27,12 @@ from credanno.commands._types import DEVICE, POSITIVE, Count
 def demo(out: Path, seeds: int, device: str | None, preset: str | None, data: Path | None,
          epochs: int | None, progress: bool) -> None:
     """prepare -> pretrain -> embed -> k-NN/probes -> t-SNE -> Table 1, Fig. 2/4 -> report.md"""
-    from credanno.demo import run_demo
+    from credanno.demo import DemoSpec, run_demo
 
     t0 = time.perf_counter()
-    res = run_demo(out=out, seeds=seeds, device=device, preset=preset, data=data,
-                   pretrain_overrides=None if epochs is None else {"epochs": epochs},
-                   progress=progress, on_stage=lambda line: click.echo(line, err=True))
+    spec = DemoSpec(seeds=seeds, device=device, preset=preset, data=data,
+                    pretrain_overrides=None if epochs is None else {"epochs": epochs})
+    res = run_demo(out, spec, progress=progress,
+                   on_stage=lambda line: click.echo(line, err=True))
     click.echo(f"wrote {res.report} (figures in {res.out / 'figures'}) in "
                f"{time.perf_counter() - t0:.0f} s")
