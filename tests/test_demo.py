@@ -1,4 +1,3 @@
-import time
 
 import pytest
 
@@ -22,9 +21,7 @@ def test_demo_end_to_end_tiny(tmp_path, tiny_patch_file):
                     pretrain_overrides=TINY, fracs=(0.1, 1.0), cnn=CNN, probe_epochs=3,
                     perplexity=10)
     lines = []
-    t0 = time.perf_counter()
     res = run_demo(tmp_path / "demo", spec, on_stage=lines.append)
-    first = time.perf_counter() - t0
     assert sum(ln.endswith("...") for ln in lines) == 8  # one progress line per stage
     assert set(res.stores) == {"teacher", "random", "pixels"}
     assert all(p.exists() for p in res.stores.values())
@@ -45,8 +42,7 @@ def test_demo_end_to_end_tiny(tmp_path, tiny_patch_file):
     res2 = run_demo(tmp_path / "demo", spec)
     assert res2.cached["pretrain"] and res2.cached["embed teacher"]
     assert res2.stores["teacher"].stat().st_mtime_ns == mtime
-    assert first < 60
-    assert all(isinstance(w, str) for w in res.warnings)
+    assert res2.cached["embed random"] and res2.cached["embed pixels"]
 
 
 def test_comparison_verdict_counts_settings_won():
