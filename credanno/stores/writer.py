@@ -355,10 +355,10 @@ class StoreWriter(AbstractContextManager):
     def __del__(self) -> None:
         # A writer dropped without close() must not leave its temp file behind.
         if not getattr(self, "_closed", True):
-            try:
+            # __del__ cannot report: a temp file that will not go away is left for the
+            # next writer of this folder, which removes those of dead processes
+            with contextlib.suppress(OSError, CredannoError):
                 self._discard(None)
-            except Exception:
-                pass
 
     def __repr__(self) -> str:
         return (f"StoreWriter({str(self.path)!r}, {self.rows_written}/{self.n} rows, "
