@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from credanno.augment.rng import forked_seed
 from credanno.errors import CredannoError
 from credanno.transforms import LIDC_MEAN, LIDC_STD, EvalTransform
 
@@ -164,7 +165,7 @@ def build_encoder(spec: str, *, weights: str | os.PathLike | None = None, which:
     prefix, _, arg = spec.partition(":")
     if prefix not in ENCODERS:
         raise CredannoError(f"unknown encoder {spec!r}; use one of "
-                            f"{', '.join(_SPEC_FORMS.get(p, p) for p in ENCODERS)}")
+                            f"{', '.join(encoder_forms())}")
     if normalise not in NORMALISE:
         raise CredannoError(f"unknown --normalise {normalise!r}; choose one of "
                             f"{', '.join(NORMALISE)}")
@@ -180,6 +181,11 @@ def build_encoder(spec: str, *, weights: str | os.PathLike | None = None, which:
 
 
 _SPEC_FORMS = {"checkpoint": "checkpoint:runs/NAME", "timm": "timm:ARCH", "pixels": "pixels"}
+
+
+def encoder_forms() -> list[str]:
+    """How each registered encoder is named on the command line (``timm:ARCH``, ...)."""
+    return [_SPEC_FORMS.get(p, p) for p in ENCODERS]
 
 
 def input_transform(input_size: int, image_size: int,
@@ -272,8 +278,7 @@ def timm_encoder(arg: str, *, weights=None, which: str = "teacher", image_size: 
         raise CredannoError("--encoder timm needs an architecture: timm:ARCH, e.g. "
                             "timm:vit_small_patch16_224")
     check_encoder_options(kwargs)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with forked_seed(0):  # random weights are a function of seed 0 alone
         try:
             model = create_backbone(arg, kwargs)
         except (RuntimeError, ValueError, ZeroDivisionError, AssertionError) as exc:

@@ -176,6 +176,16 @@ def broadcast_object(obj: Any, env: DistEnv) -> Any:
     return box[0]
 
 
+def all_reduce_sum(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """The sum of ``value`` over the ranks (``value`` itself in one process)."""
+    if env.distributed:
+        import torch.distributed as dist
+
+        value = value.clone()
+        dist.all_reduce(value)
+    return value
+
+
 def all_reduce_mean(value: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """The mean of ``value`` over the ranks (``value`` itself in one process)."""
     if env.distributed:

@@ -223,12 +223,12 @@ def test_machine_description():
 
 def test_bench_cli(syn, tmp_path, capsys):
     from credanno.cli import main
-    from credanno.commands.bench import parse_seeds
+    from credanno.eval.options import first_seeds, parse_seeds
 
-    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("2-4") == [2, 3, 4]
-    assert parse_seeds("0,7") == [0, 7]
+    assert first_seeds(3) == [0, 1, 2] and parse_seeds("3") == [3]
+    assert parse_seeds("2-4") == [2, 3, 4] and parse_seeds("0,7") == [0, 7]
     csv = tmp_path / "t1.csv"
-    main(["bench", "table1", "--store", str(syn["store"]), "--seeds", "1", "--probe-epochs",
+    main(["bench", "table1", "--store", str(syn["store"]), "--n-seeds", "1", "--probe-epochs",
           "3", "--csv", str(csv)])
     out = capsys.readouterr().out
     assert "Data: SYNTHETIC" in out and "| X-Caps |" in out and "majority baseline" in out

@@ -70,8 +70,8 @@ def test_demo_bad_inputs(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "d").exists()
     with pytest.raises(SystemExit):
-        main(["demo", "--seeds", "0"])
-    assert "--seeds" in capsys.readouterr().err
+        main(["demo", "--n-seeds", "0"])
+    assert "--n-seeds 0" in capsys.readouterr().err
 
 
 # -- the freshness rule: content identities, never sizes and mtimes ---------------------------

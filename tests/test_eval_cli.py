@@ -102,13 +102,13 @@ def test_cli_probe_table_and_default_store(store_path, tmp_path, monkeypatch):
     (tmp_path / "stores").mkdir()
     store_path.rename(tmp_path / "stores" / "s.h5")
     monkeypatch.chdir(tmp_path)
-    res = _run(["probe", "--frac", "0.5", "--epochs", "3", "--seeds", "2"])
+    res = _run(["probe", "--frac", "0.5", "--epochs", "3", "--n-seeds", "2"])
     assert res.exit_code == 0, res.output
     assert "probe" in res.stdout and "baseline" in res.stdout and "+/-" in res.stdout
     res = _run(["probe", "--frac", "1", "--epochs", "2", "--json", "--labels", "malignancy"])
     rec = json.loads(res.stdout)["results"][0]
     assert rec["k"] is None and rec["method"] == "probe"
-    res = _run(["knn", "--k", "5", "--frac", "0.5", "--seeds", "1"])
+    res = _run(["knn", "--k", "5", "--frac", "0.5", "--n-seeds", "1"])
     assert res.exit_code == 0 and "knn" in res.stdout
 
 

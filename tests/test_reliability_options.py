@@ -69,7 +69,7 @@ def test_epochs_zero_is_an_error_not_the_preset(cmd, tmp_path, capsys, monkeypat
     (["bench", "fig4", "--k", "0"], "--k 0: must be >= 1"),
     (["bench", "fig4", "--cnn-size", "0"], "--cnn-size 0: must be in [8, 512]"),
     (["bench", "table2", "--cnn-epochs", "-1"], "--cnn-epochs -1: must be >= 1"),
-    (["demo", "--seeds", "0"], "--seeds 0: must be in [1, 20]"),
+    (["demo", "--n-seeds", "0"], "--n-seeds 0: must be in [1, 1000]"),
     (["embed", "--batch-size", "0"], "--batch-size 0: must be >= 1"),
     (["embed", "--views", "-1"], "--views -1: must be >= 0"),
 ])
@@ -91,10 +91,11 @@ def test_zero_and_negative_counts_are_errors(args, fragment, tmp_path, capsys, m
     (["probe", "--val-frac", "1"], "--val-frac 1: must be in (0, 1)"),
     (["tsne", "--perplexity", "nan"], "--perplexity nan: must be a finite number"),
     (["tsne", "--seed", "-1"], "--seed -1: must be in [0, 4294967295]"),
-    (["knn", "--seeds", "1000000000"], "more than 1000"),
+    (["knn", "--n-seeds", "1000000000"], "--n-seeds 1000000000: must be in [1, 1000]"),
     (["knn", "--seeds", "0-1000000000"], "more than 1000"),
     (["probe", "--seeds", "0,4294967296"], "--seeds 4294967296: must be in [0, 4294967295]"),
-    (["bench", "table1", "--seeds", "1000000000"], "more than 1000"),
+    (["bench", "table1", "--n-seeds", "1000000000"], "must be in [1, 1000]"),
+    (["bench", "table1", "--seeds", "0-1000000000"], "more than 1000"),
     (["knn", "--device", "tpu"], "--device 'tpu' is not a device; use cpu, cuda or cuda:N"),
     (["probe", "--device", "tpu"], "--device 'tpu' is not a device"),
     (["bench", "table1", "--device", "tpu"], "--device 'tpu' is not a device"),
@@ -226,14 +227,14 @@ def test_unwritable_tsne_cache_warns_and_keeps_the_map(syn, tmp_path):
 def test_write_errors_name_the_option(option, syn, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    line = _error(capsys, ["knn", "--store", str(syn["store"]), "--k", "3", "--seeds", "1",
+    line = _error(capsys, ["knn", "--store", str(syn["store"]), "--k", "3", "--n-seeds", "1",
                            "--labels", "malignancy", option, str(blocker / "sub" / "r.csv")])
     assert line.endswith(f"choose a writable {option}")
 
 
-def test_cnn_fracs_errors_name_cnn_fracs(syn, capsys):
-    line = _error(capsys, ["bench", "fig4", "--store", str(syn["store"]), "--cnn-fracs", "2"])
-    assert "--cnn-fracs '2'" in line
+def test_cnn_frac_errors_name_cnn_frac(syn, capsys):
+    line = _error(capsys, ["bench", "fig4", "--store", str(syn["store"]), "--cnn-frac", "2"])
+    assert "--cnn-frac 2:" in line
 
 
 def test_fig4_data_must_be_the_stores_patch_file(syn, tmp_path, capsys):
@@ -244,7 +245,7 @@ def test_fig4_data_must_be_the_stores_patch_file(syn, tmp_path, capsys):
     other = write_patch_file(tmp_path / "other.h5", synthetic_images(other_table), other_table,
                              {"source": "synthetic", "seed": 0})
     line = _error(capsys, ["bench", "fig4", "--store", str(syn["store"]), "--data", str(other),
-                           "--seeds", "1", "--out", str(tmp_path / "f.png")])
+                           "--n-seeds", "1", "--out", str(tmp_path / "f.png")])
     assert f"--data {other} is not the patch file store store.h5 was embedded from" in line
     assert not (tmp_path / "f.png").exists()
     # with a recorded sha256, that decides; the store's own file passes

@@ -80,7 +80,7 @@ def test_knn_predictions_csv_neutralises_patient_ids(tmp_path):
 
     store = _formula_store(tmp_path / "s.h5")
     pred, rec = tmp_path / "pred.csv", tmp_path / "rec.csv"
-    res = CliRunner().invoke(cli, ["knn", "--store", str(store), "--k", "3", "--seeds", "1",
+    res = CliRunner().invoke(cli, ["knn", "--store", str(store), "--k", "3", "--n-seeds", "1",
                                    "--labels", "malignancy", "--predictions", str(pred),
                                    "--csv", str(rec)])
     assert res.exit_code == 0, res.output

@@ -209,8 +209,8 @@ def test_eval_commands_refuse_damaged_store(store_path, tmp_path, capsys, monkey
                                             how, command):
     monkeypatch.setenv("CREDANNO_CACHE", str(tmp_path / "cache"))
     _damage_store(store_path, how)
-    args = {"knn": ["knn", "--store", str(store_path), "--k", "3", "--seeds", "1"],
-            "probe": ["probe", "--store", str(store_path), "--epochs", "1", "--seeds", "1",
+    args = {"knn": ["knn", "--store", str(store_path), "--k", "3", "--n-seeds", "1"],
+            "probe": ["probe", "--store", str(store_path), "--epochs", "1", "--n-seeds", "1",
                       "--device", "cpu"],
             "tsne": ["tsne", "--store", str(store_path), "--out", str(tmp_path / "t.png")]}
     line = _cli_error(capsys, args[command])

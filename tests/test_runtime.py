@@ -82,17 +82,29 @@ def test_gpu_index_checked_against_the_gpus_torch_sees(monkeypatch):
 
 
 def test_faiss_gpu_decision_reads_the_device_like_everything_else():
-    from credanno.eval.knn import _use_gpu
+    from credanno.eval.knn import _gpu_index
 
     class CpuFaiss:  # a faiss wheel without GPU support
         pass
 
-    assert _use_gpu(CpuFaiss, "cpu") is False and _use_gpu(CpuFaiss, " CPU ") is False
-    assert _use_gpu(CpuFaiss, None) is False and _use_gpu(CpuFaiss, "auto") is False
+    class TwoGpuFaiss:  # a faiss-gpu wheel on a machine with two GPUs
+        StandardGpuResources = object
+
+        @staticmethod
+        def get_num_gpus() -> int:
+            return 2
+
+    assert _gpu_index(CpuFaiss, "cpu") is None and _gpu_index(CpuFaiss, " CPU ") is None
+    assert _gpu_index(CpuFaiss, None) is None and _gpu_index(CpuFaiss, "auto") is None
     with pytest.raises(CredannoError, match="faiss sees no GPU"):
-        _use_gpu(CpuFaiss, "CUDA:0")
+        _gpu_index(CpuFaiss, "CUDA:0")
     with pytest.raises(CredannoError, match="is not a device"):
-        _use_gpu(CpuFaiss, "tpu")
+        _gpu_index(CpuFaiss, "tpu")
+    # the index goes to the GPU the device names, not always GPU 0
+    assert _gpu_index(TwoGpuFaiss, None) == 0 and _gpu_index(TwoGpuFaiss, "cuda") == 0
+    assert _gpu_index(TwoGpuFaiss, "cuda:1") == 1 and _gpu_index(TwoGpuFaiss, "cpu") is None
+    with pytest.raises(CredannoError, match=r"--device cuda:2: faiss sees 2 GPU\(s\)"):
+        _gpu_index(TwoGpuFaiss, "cuda:2")
 
 
 # -- processes -----------------------------------------------------------------------------

@@ -178,7 +178,7 @@ class CnnBaseline:
 
 def run_fig4(store: str | os.PathLike | None = None, fracs: Sequence[float] = FIG4_FRACS,
              seeds: Sequence[int] = (0, 1, 2), k: int = 50, probe_epochs: int = 100,
-             cnn: CnnBaseline | None = CnnBaseline(), device: str = "cpu",
+             cnn: CnnBaseline | None = CnnBaseline(), device: str | None = None,
              progress: bool = False,
              on_config: Callable[[str], None] | None = None) -> Fig4Result:
     """Malignancy accuracy over label fractions for k-NN, probes and the end-to-end CNN
@@ -191,10 +191,10 @@ def run_fig4(store: str | os.PathLike | None = None, fracs: Sequence[float] = FI
     from credanno.viz.tsne import resolve_store
 
     # every setting is checked before the k-NN and probes run, so none of their work is lost
-    subsets = SubsetSpec(fracs=sorted(_fracs(fracs, "--fracs")), seeds=checks.seeds(seeds))
+    subsets = SubsetSpec(fracs=sorted(_fracs(fracs, "--frac")), seeds=checks.seeds(seeds))
     k = checks.count(k, "--k")
     probe = ProbeSpec(epochs=checks.count(probe_epochs, "--probe-epochs"), device=device)
-    cnn_fracs = None if cnn is None or cnn.fracs is None else _fracs(cnn.fracs, "--cnn-fracs")
+    cnn_fracs = None if cnn is None or cnn.fracs is None else _fracs(cnn.fracs, "--cnn-frac")
     if cnn is not None:
         resolve_device(EndToEndClassifier(**cnn.options).device)
     path = resolve_store(store)

@@ -20,7 +20,7 @@ from credanno import checks
 from credanno.augment.rng import epoch_permutation, forked_seed
 from credanno.augment.views import ViewAugmentation
 from credanno.errors import CredannoError
-from credanno.runtime import check_device
+from credanno.runtime import check_device, resolve_device
 from credanno.transforms import EvalTransform
 
 #: input sizes of the end-to-end baseline: below 8 px nothing is left to learn; the whole
@@ -44,7 +44,7 @@ class EndToEndClassifier:
     image_size: int = 32
     min_steps: int = 100
     seed: int = 0
-    device: str = "cpu"
+    device: str | None = None  # None: runtime.default_device() (a GPU when torch sees one)
     weights: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     n_classes: int | None = None
@@ -57,7 +57,7 @@ class EndToEndClassifier:
         self.batch_size = checks.count(self.batch_size, "batch_size")
         self.lr = checks.finite(self.lr, "lr", low=0)
         self.seed = checks.seed(self.seed)
-        self.device = check_device(self.device) or "cpu"
+        self.device = check_device(self.device, "--device")
 
     def _model(self, n_classes: int):
         import timm
@@ -93,9 +93,10 @@ class EndToEndClassifier:
                                 "use a larger label fraction")
         self.n_classes = self.n_classes or int(y.max()) + 1
         self.transform_ = EvalTransform(resize=self.image_size, crop=self.image_size)
+        self.device_ = resolve_device(self.device)
         x_all = self.transform_(torch.from_numpy(images))
-        with forked_seed(self.seed, self.device):
-            model = self._model(self.n_classes).to(self.device)
+        with forked_seed(self.seed, self.device_):
+            model = self._model(self.n_classes).to(self.device_)
             # views are keyed by the image's index in ``images``, not by its labelled rank,
             # so an image's views do not depend on which other images carry a label
             self._train(model, x_all, torch.from_numpy(y), np.flatnonzero(keep))
@@ -120,8 +121,8 @@ class EndToEndClassifier:
             order = epoch_permutation(self.seed, epoch, n)
             for i in range(0, n - bs + 1, bs):
                 idx = order[i:i + bs]
-                xb = views(x_all[idx], index[idx.numpy()], epoch).to(self.device)
-                loss = F.cross_entropy(model(xb), y_all[idx].to(self.device))
+                xb = views(x_all[idx], index[idx.numpy()], epoch).to(self.device_)
+                loss = F.cross_entropy(model(xb), y_all[idx].to(self.device_))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -144,7 +145,7 @@ class EndToEndClassifier:
             for i in range(0, len(images), batch_size):
                 xb = self.transform_(torch.from_numpy(np.asarray(images[i:i + batch_size],
                                                                  dtype=np.float32)))
-                out.append(torch.softmax(self.model_(xb.to(self.device)), 1).float().cpu())
+                out.append(torch.softmax(self.model_(xb.to(self.device_)), 1).float().cpu())
         return torch.cat(out).numpy()
 
     def predict(self, images: np.ndarray) -> np.ndarray:

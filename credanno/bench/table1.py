@@ -158,7 +158,7 @@ def _constant_scores(y: np.ndarray) -> dict[str, float]:
 
 def run_table1(store: str | os.PathLike | None = None, seeds: Sequence[int] = (0, 1, 2),
                configs: Sequence[Table1Config] = TABLE1_CONFIGS, probe_epochs: int = 100,
-               device: str = "cpu", method_name: str = "credanno (this run)",
+               device: str | None = None, method_name: str = "credanno (this run)",
                progress: bool = False) -> Table1Result:
     """Run the paper's Table 1 configurations on a store over ``seeds``."""
     from credanno import checks, stores

@@ -124,7 +124,7 @@ def _two_stage(data: Path, out: Path, arch_overrides: dict[str, Any], setup: Tab
     store = embed(data=data, checkpoint=ckpt, out=out / "teacher.h5", device=device,
                   progress=progress)
     res = probe_sweep(store, SubsetSpec(fracs=[1.0], seeds=seeds),
-                      ProbeSpec(epochs=probe_epochs, device=device or "cpu"), progress=progress)
+                      ProbeSpec(epochs=probe_epochs, device=device), progress=progress)
     r = res.results
     return r[r["label"] == "malignancy"]["acc"].astype(float).tolist()
 

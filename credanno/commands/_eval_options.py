@@ -1,14 +1,17 @@
-"""Click options shared by ``credanno knn`` and ``credanno probe`` (which store, which
-labelled subset, where the results go)."""
+"""Click options shared by the commands: which store, which labelled subset and where the
+results go (``credanno knn``, ``credanno probe``), and the one form of ``--seeds`` /
+``--n-seeds`` and ``--device`` every command uses."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
-from credanno.commands._types import POSITIVE
+from credanno.commands._types import DEVICE, FRACS, N_SEEDS, POSITIVE, SEEDS
+from credanno.errors import CredannoError
 
 PATH = click.Path(dir_okay=False, path_type=Path)
 
@@ -35,7 +38,7 @@ def store_options(f: Callable) -> Callable:
 def subset_options(f: Callable) -> Callable:
     """The labelled subset: ``--frac`` or ``--n-labels``, ``--subset``, ``--stratify``."""
     return _apply(f, [
-        click.option("--frac", "fracs", default="1", show_default=True,
+        click.option("--frac", "fracs", type=FRACS, default="1", show_default=True,
                      help="Label fractions of the training images, comma-separated, in (0, 1]."),
         click.option("--n-labels", type=POSITIVE, default=None,
                      help="Label this many training images instead of a fraction."),
@@ -58,3 +61,57 @@ def output_options(f: Callable) -> Callable:
                      help="Also write per-test-image predictions and probabilities as CSV."),
         click.option("--progress/--no-progress", default=False, help="Progress bar on stderr."),
     ])
+
+
+def seed_options(*, default: str | None = None, default_n: int | None = None,
+                 what: str = "Seeds") -> Callable[[Callable], Callable]:
+    """``--seeds`` (a range ``0-4``, a list ``0,3,7`` or one seed ``7``) or ``--n-seeds N``
+    (seeds 0..N-1), not both; the command receives ``seeds``, a list of ints.
+
+    Without either the command's default applies: ``default`` in the ``--seeds`` form or
+    the first ``default_n`` seeds.
+    """
+    if (default is None) == (default_n is None):
+        raise ValueError("seed_options needs exactly one of default, default_n")
+    shown = f"--seeds {default}" if default is not None else f"--n-seeds {default_n}"
+
+    def collect(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        # click processes options in command-line order: the second of the two callbacks
+        # to run sees both values and decides
+        if ctx.resilient_parsing:
+            return value
+        got = ctx.meta.setdefault(("credanno.seeds", id(ctx)), {})
+        got[param.name] = value
+        if len(got) == 2:
+            ctx.params["seeds"] = _chosen_seeds(got["seeds"], got["n_seeds"], default,
+                                                default_n)
+        return value
+
+    return lambda f: _apply(f, [
+        click.option("--seeds", "seeds", type=SEEDS, default=None, expose_value=False,
+                     callback=collect,
+                     help=f"{what}: a range 0-4, a list 0,3,7 or one seed 7 "
+                          f"[default: {shown}]."),
+        click.option("--n-seeds", "n_seeds", type=N_SEEDS, default=None, expose_value=False,
+                     callback=collect, help="The first N seeds, 0..N-1 (instead of --seeds)."),
+    ])
+
+
+def _chosen_seeds(seeds: list[int] | None, n_seeds: int | None, default: str | None,
+                  default_n: int | None) -> list[int]:
+    from credanno.eval.options import first_seeds, parse_seeds
+
+    if seeds is not None and n_seeds is not None:
+        raise CredannoError("give --seeds or --n-seeds, not both")
+    if seeds is not None:
+        return seeds
+    if n_seeds is not None:
+        return first_seeds(n_seeds)
+    return parse_seeds(default) if default is not None else first_seeds(default_n or 1)
+
+
+def device_option(help_: str = "cpu, cuda or cuda:N (default: cuda when torch sees a GPU, "
+                               "else cpu).") -> Callable[[Callable], Callable]:
+    """``--device``: the same type and default (None = ``credanno.runtime.default_device()``,
+    resolved by the library) in every command; only the help says what runs there."""
+    return click.option("--device", type=DEVICE, default=None, help=help_)

@@ -7,28 +7,17 @@ from pathlib import Path
 import click
 
 from credanno.bench.supervised import CNN_MAX_SIZE, CNN_MIN_SIZE
-from credanno.commands._types import DEVICE, POSITIVE, Count
-from credanno.errors import CredannoError
-from credanno.eval.options import parse_seeds
+from credanno.commands._eval_options import device_option, seed_options
+from credanno.commands._types import FRACS, POSITIVE, Count, RegistryChoice
 
 _STORE = click.option("--store", type=click.Path(dir_okay=False, path_type=Path), default=None,
                       help="Feature store (default: the newest under stores/).")
-_SEEDS = click.option("--seeds", default="3", show_default=True,
-                      help="Number of seeds N (seeds 0..N-1), a range 0-4, or a list 0,3,7.")
-_DEVICE = click.option("--device", type=DEVICE, default="cpu", show_default=True,
-                       help="Device for the trained predictors and the CNN baseline.")
-
-
-
-def parse_fracs(text: str, option: str = "--fracs") -> list[float]:
-    try:
-        fracs = [float(f) for f in text.split(",") if f.strip()]
-    except ValueError:
-        raise CredannoError(f"{option} {text!r} is not understood; pass e.g. 0.01,0.1,1"
-                            ) from None
-    if not fracs or not all(0 < f <= 1 for f in fracs):  # NaN fails the comparison too
-        raise CredannoError(f"{option} {text!r}: each fraction must be in (0, 1]")
-    return fracs
+_SEEDS = seed_options(default_n=3)
+_DEVICE = device_option("Device of the trained predictors and the CNN baseline: cpu, cuda or "
+                        "cuda:N (default: cuda when torch sees a GPU, else cpu).")
+_PRESET = click.option("--preset", type=RegistryChoice("credanno.pretrain.config:"
+                                                       "available_presets"), default=None,
+                       help="Pretraining preset (default: paper on a GPU, cpu-tiny otherwise).")
 
 
 def _echo_figure(result, out: Path, csv_path: Path | None) -> None:
@@ -54,12 +43,12 @@ def bench() -> None:
 @_DEVICE
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the table (long format, fractions) as CSV.")
-def table1(store: Path | None, seeds: str, probe_epochs: int, device: str,
+def table1(store: Path | None, seeds: list[int], probe_epochs: int, device: str | None,
            csv_path: Path | None) -> None:
     """Table 1: our configurations (mean +/- sd), the majority baseline, the paper's rows."""
     from credanno.bench.table1 import run_table1
 
-    t1 = run_table1(store, seeds=parse_seeds(seeds), probe_epochs=probe_epochs, device=device,
+    t1 = run_table1(store, seeds=seeds, probe_epochs=probe_epochs, device=device,
                     progress=True)
     click.echo(t1.header())
     click.echo("\nTable 1: accuracy (%) - attributes within +/-1, malignancy exact. "
@@ -78,13 +67,13 @@ def table1(store: Path | None, seeds: str, probe_epochs: int, device: str,
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("results/fig2.png"), show_default=True)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def fig2(store: Path | None, seeds: str, probe_epochs: int, device: str, out: Path,
+def fig2(store: Path | None, seeds: list[int], probe_epochs: int, device: str | None, out: Path,
          csv_path: Path | None) -> None:
     """Fig. 2: distribution of the number of correctly predicted attributes."""
     from credanno.bench.fig2 import fig2_configs, fig2_from_table1
     from credanno.bench.table1 import run_table1
 
-    t1 = run_table1(store, seeds=parse_seeds(seeds), configs=fig2_configs(),
+    t1 = run_table1(store, seeds=seeds, configs=fig2_configs(),
                     probe_epochs=probe_epochs, device=device, progress=True)
     f2 = fig2_from_table1(t1)
     click.echo(t1.header())
@@ -95,7 +84,8 @@ def fig2(store: Path | None, seeds: str, probe_epochs: int, device: str, out: Pa
 @bench.command("fig4", short_help="Fig. 4: malignancy accuracy vs annotation fraction.")
 @_STORE
 @_SEEDS
-@click.option("--fracs", default="0.01,0.02,0.05,0.1,0.2,0.5,1", show_default=True)
+@click.option("--frac", "fracs", type=FRACS, default="0.01,0.02,0.05,0.1,0.2,0.5,1",
+              show_default=True, help="Label fractions, comma-separated, in (0, 1].")
 @click.option("--k", type=POSITIVE, default=50, show_default=True)
 @click.option("--probe-epochs", type=POSITIVE, default=100, show_default=True)
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -104,25 +94,25 @@ def fig2(store: Path | None, seeds: str, probe_epochs: int, device: str, out: Pa
 @click.option("--cnn-arch", default="resnet18", show_default=True,
               help="timm architecture of the end-to-end baseline (paper: resnet50).")
 @click.option("--cnn-epochs", type=POSITIVE, default=30, show_default=True)
-@click.option("--cnn-fracs", default=None,
-              help="Fractions the CNN trains on (default: all of --fracs).")
+@click.option("--cnn-frac", "cnn_fracs", type=FRACS, default=None,
+              help="Fractions the CNN trains on, comma-separated (default: all of --frac).")
 @click.option("--cnn-size", type=Count(CNN_MIN_SIZE, CNN_MAX_SIZE), default=32, show_default=True,
               help="Input size of the CNN baseline (paper: 224).")
 @_DEVICE
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("results/fig4.png"), show_default=True)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def fig4(store: Path | None, seeds: str, fracs: str, k: int, probe_epochs: int,
+def fig4(store: Path | None, seeds: list[int], fracs: list[float], k: int, probe_epochs: int,
          data: Path | None, no_cnn: bool, cnn_arch: str, cnn_epochs: int,
-         cnn_fracs: str | None, cnn_size: int, device: str, out: Path,
+         cnn_fracs: list[float] | None, cnn_size: int, device: str | None, out: Path,
          csv_path: Path | None) -> None:
     """Fig. 4: malignancy accuracy against annotation fraction (log scale)."""
     from credanno.bench.fig4 import CnnBaseline, run_fig4
 
     cnn = None if no_cnn else CnnBaseline(
         {"arch": cnn_arch, "epochs": cnn_epochs, "image_size": cnn_size, "device": device},
-        fracs=parse_fracs(cnn_fracs, "--cnn-fracs") if cnn_fracs else None, data=data)
-    f4 = run_fig4(store, fracs=parse_fracs(fracs), seeds=parse_seeds(seeds), k=k,
+        fracs=cnn_fracs, data=data)
+    f4 = run_fig4(store, fracs=fracs, seeds=seeds, k=k,
                   probe_epochs=probe_epochs, cnn=cnn, device=device, progress=True,
                   on_config=lambda line: click.echo(line, err=True))
     click.echo(f"Data: {f4.data.text}. Store: {f4.store}.\n")
@@ -136,9 +126,8 @@ def fig4(store: Path | None, seeds: str, fracs: str, k: int, probe_epochs: int,
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               default=Path("results/table2"), show_default=True,
               help="Folder for the runs and stores the table needs.")
-@click.option("--seeds", default="1", show_default=True)
-@click.option("--preset", default=None, help="Pretraining preset (default: paper on a GPU, "
-              "cpu-tiny otherwise).")
+@seed_options(default_n=1)
+@_PRESET
 @click.option("--epochs", type=POSITIVE, default=None, help="Override the pretraining epochs.")
 @click.option("--init-resnet", type=click.Path(dir_okay=False), default=None,
               help="Local ImageNet weights for the ResNet.")
@@ -147,10 +136,9 @@ def fig4(store: Path | None, seeds: str, fracs: str, k: int, probe_epochs: int,
 @click.option("--vit-run", type=click.Path(path_type=Path), default=None,
               help="Reuse a finished pretraining run for the ViT two-stage row.")
 @click.option("--cnn-epochs", type=POSITIVE, default=30, show_default=True)
-@click.option("--device", type=DEVICE, default=None,
-              help="cpu, cuda or cuda:N (default: cuda if available).")
+@device_option()
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def table2(data: Path | None, out: Path, seeds: str, preset: str | None, epochs: int | None,
+def table2(data: Path | None, out: Path, seeds: list[int], preset: str | None, epochs: int | None,
            init_resnet: str | None, init_vit: str | None, vit_run: Path | None,
            cnn_epochs: int, device: str | None, csv_path: Path | None) -> None:
     """Table 2: encoder (ResNet vs ViT) x strategy (end-to-end vs two-stage) x init."""
@@ -160,8 +148,8 @@ def table2(data: Path | None, out: Path, seeds: str, preset: str | None, epochs:
     setup = Table2Pretraining(preset=preset, init_resnet=init_resnet, init_vit=init_vit,
                               vit_run=vit_run, overrides={} if epochs is None else
                               {"epochs": epochs})
-    t2 = run_table2(data or DEFAULT_PATCH_FILE, out, seeds=parse_seeds(seeds), setup=setup,
-                    cnn={"epochs": cnn_epochs, "device": device or "cpu"}, device=device,
+    t2 = run_table2(data or DEFAULT_PATCH_FILE, out, seeds=seeds, setup=setup,
+                    cnn={"epochs": cnn_epochs, "device": device}, device=device,
                     progress=True, on_row=lambda line: click.echo(line, err=True))
     click.echo(f"Data: {t2.data.text}.\n")
     click.echo("Table 2: malignancy accuracy (%) with all annotations; paper column: real "

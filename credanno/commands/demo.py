@@ -7,24 +7,24 @@ from pathlib import Path
 
 import click
 
-from credanno.commands._types import DEVICE, POSITIVE, Count
+from credanno.commands._eval_options import device_option, seed_options
+from credanno.commands._types import POSITIVE, RegistryChoice
 
 
 @click.command("demo")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("demo"),
               show_default=True, help="Folder for everything the demo writes.")
-@click.option("--seeds", type=Count(1, 20), default=3, show_default=True,
-              help="Number of seeds (label subsets) per configuration.")
-@click.option("--device", type=DEVICE, default=None,
-              help="cpu or cuda (default: cuda if available).")
-@click.option("--preset", default=None,
+@seed_options(default_n=3, what="Seeds (label subsets) of every configuration")
+@device_option()
+@click.option("--preset", type=RegistryChoice("credanno.pretrain.config:available_presets"),
+              default=None,
               help="Pretraining preset (default: paper on a GPU, cpu-tiny otherwise).")
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Use this patch file instead of preparing the phantom.")
 @click.option("--epochs", type=POSITIVE, default=None, help="Override the pretraining epochs.")
 @click.option("--progress/--no-progress", default=False, show_default=True,
               help="Progress bars within the stages (stage lines are always shown).")
-def demo(out: Path, seeds: int, device: str | None, preset: str | None, data: Path | None,
+def demo(out: Path, seeds: list[int], device: str | None, preset: str | None, data: Path | None,
          epochs: int | None, progress: bool) -> None:
     """prepare -> pretrain -> embed -> k-NN/probes -> t-SNE -> Table 1, Fig. 2/4 -> report.md"""
     from credanno.demo import DemoSpec, run_demo

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from credanno.commands._types import DEVICE, POSITIVE, Count
+from credanno.commands._eval_options import device_option
+from credanno.commands._types import POSITIVE, Count, RegistryChoice, RegistryHelpOption
 from credanno.errors import CredannoError
 
 
@@ -31,11 +32,13 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--checkpoint", default=None,
               help="Pretraining run folder (runs/NAME) or checkpoint file; default: the newest "
                    "run under runs/.")
-@click.option("--encoder", default=None,
-              help="Instead of a checkpoint: timm:ARCH (random, or --weights FILE) or pixels.")
+@click.option("--encoder", default=None, cls=RegistryHelpOption,
+              registry_help="credanno.encoders:encoder_forms",
+              help="Instead of --checkpoint, one of: {names} (timm:ARCH is random, or loads "
+                   "--weights FILE).")
 @click.option("--weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Local state-dict / safetensors file for --encoder timm:ARCH.")
-@click.option("--normalise", type=click.Choice(["auto", "model", "lidc"]), default="auto",
+@click.option("--normalise", type=RegistryChoice("credanno.encoders:NORMALISE"), default="auto",
               show_default=True,
               help="Input statistics for --encoder timm:ARCH: model (its timm pretrained_cfg "
                    "mean/std; ARCH.TAG picks a tag's, e.g. vit_small_patch16_224.dino) or lidc "
@@ -43,7 +46,7 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--encoder-option", "encoder_options", multiple=True, metavar="KEY=VALUE",
               help="timm.create_model option for --encoder timm:ARCH (repeatable), e.g. "
                    "img_size=32.")
-@click.option("--which", type=click.Choice(["teacher", "student", "random"]),
+@click.option("--which", type=RegistryChoice("credanno.embed:WHICH"),
               default="teacher", show_default=True,
               help="Checkpoint weights: the teacher (the paper's), the student, or random "
                    "(untrained baseline).")
@@ -52,8 +55,7 @@ def _parse_options(pairs: tuple[str, ...]) -> dict:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Store file (default: stores/<run or encoder>.h5).")
 @click.option("--batch-size", type=POSITIVE, default=256, show_default=True)
-@click.option("--device", type=DEVICE, default=None,
-              help="cpu or cuda (default: cuda when available).")
+@device_option()
 @click.option("--views", type=Count(0), default=0, show_default=True,
               help="Also store V augmented views of every training image (probe training).")
 @click.option("--float16", "half", is_flag=True, help="Store features as float16 (half size).")

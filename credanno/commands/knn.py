@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import click
 
-from credanno.commands._eval_options import output_options, store_options, subset_options
-from credanno.commands._types import DEVICE, FiniteFloat
+from credanno.commands._eval_options import (
+    device_option,
+    output_options,
+    seed_options,
+    store_options,
+    subset_options,
+)
+from credanno.commands._types import FiniteFloat
 
 
 @click.command("knn")
@@ -13,8 +19,7 @@ from credanno.commands._types import DEVICE, FiniteFloat
 @click.option("--k", "ks", default="50,150,250", show_default=True,
               help="Numbers of neighbours, comma-separated; all from one search.")
 @subset_options
-@click.option("--seeds", default="0-4", show_default=True,
-              help="Subset seeds: a range 0-4, a list 0,3,7 or a count 3.")
+@seed_options(default="0-4", what="Subset seeds")
 @click.option("--T", "T", type=FiniteFloat(0, example="0.1"), default=0.1, show_default=True,
               help="Temperature of the exp(sim / T) vote weights (DINO uses 0.07).")
 @click.option("--weighting", type=click.Choice(["exp", "majority"]), default="exp",
@@ -24,8 +29,8 @@ from credanno.commands._types import DEVICE, FiniteFloat
               help="Labels to evaluate, comma-separated (default: all the store has).")
 @click.option("--block-rows", type=int, default=None,
               help="Stream the training features from the store in blocks of this many rows.")
-@click.option("--device", type=DEVICE, default=None, help="cpu, or cuda for a faiss GPU index "
-              "(default: GPU when faiss sees one).")
+@device_option("cpu, or cuda / cuda:N for a faiss GPU index (default: a GPU when faiss "
+               "sees one).")
 @output_options
 def knn(store, train_store, test_store, ks, fracs, n_labels, subset, stratify, seeds, T,
         weighting, kind, labels, block_rows, device, as_json, csv, predictions,

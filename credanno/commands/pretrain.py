@@ -6,12 +6,13 @@ from pathlib import Path
 
 import click
 
-from credanno.commands._types import DEVICE
+from credanno.commands._eval_options import device_option
+from credanno.commands._types import RegistryChoice
 
 
 @click.command("pretrain")
-@click.option("--preset", default=None,
-              help="Preset: paper or cpu-tiny (default: paper with a GPU, else cpu-tiny).")
+@click.option("--preset", type=RegistryChoice("credanno.pretrain.config:available_presets"),
+              default=None, help="Preset (default: paper with a GPU, else cpu-tiny).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
               default=None, help="TOML file overriding preset fields.")
 @click.option("--data", type=click.Path(dir_okay=False), default=None,
@@ -25,8 +26,7 @@ from credanno.commands._types import DEVICE
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Run folder (default runs/<preset>-<time>); resumes if it has a checkpoint.")
 @click.option("--seed", type=int, default=None)
-@click.option("--device", type=DEVICE, default=None,
-              help="cpu, cuda or cuda:N (default: cuda if present).")
+@device_option()
 @click.option("--init", "init", default=None,
               help="Start from ImageNet weights: a DINO/timm file, or timm:NAME (online).")
 @click.option("--monitor-every", type=int, default=None,

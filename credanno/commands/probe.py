@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import click
 
-from credanno.commands._eval_options import output_options, store_options, subset_options
-from credanno.commands._types import DEVICE, POSITIVE, FiniteFloat
+from credanno.commands._eval_options import (
+    device_option,
+    output_options,
+    seed_options,
+    store_options,
+    subset_options,
+)
+from credanno.commands._types import POSITIVE, FiniteFloat
 from credanno.eval.probe import MAX_LR
 
 
 @click.command("probe")
 @store_options
 @subset_options
-@click.option("--seeds", default="0-4", show_default=True,
-              help="Seeds (subset, initialisation, batches): a range 0-4, a list or a count.")
+@seed_options(default="0-4", what="Seeds (subset, initialisation, batches)")
 @click.option("--epochs", type=POSITIVE, default=100, show_default=True)
 @click.option("--lr", type=FiniteFloat(0, MAX_LR, example="5e-4"), default=None,
               help="Initial learning rate (default: the paper's 5e-4 with all labels, "
@@ -24,8 +29,7 @@ from credanno.eval.probe import MAX_LR
                    "when the store has it).")
 @click.option("--labels", default=None,
               help="Labels to evaluate, comma-separated (default: all the store has).")
-@click.option("--device", type=DEVICE, default=None,
-              help="cpu or cuda (default: cuda when available).")
+@device_option()
 @click.option("--select", type=click.Choice(["last", "val"]), default="last",
               show_default=True,
               help="Model selection: last epoch, or each head's best epoch on a validation "

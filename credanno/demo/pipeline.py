@@ -62,7 +62,7 @@ class DemoSpec:
             raise CredannoError(f"patch file {self.data} not found; pass an existing --data or "
                                 "leave it out to prepare the phantom")
         if not self.seed_list:
-            raise CredannoError("the demo needs at least one seed; pass --seeds 1 or more")
+            raise CredannoError("the demo needs at least one seed; pass --n-seeds 1 or more")
 
     @property
     def seed_list(self) -> list[int]:

@@ -83,16 +83,24 @@ def check_ks(ks: Iterable[int]) -> list[int]:
 _GPU_RES = None
 
 
-def _use_gpu(faiss, device: str | None) -> bool:
+def _gpu_index(faiss, device: str | None) -> int | None:
+    """The faiss GPU to search on (``cuda:N`` -> N, ``cuda`` or automatic -> 0), or None
+    for the CPU."""
     # the device name is read as everywhere else (credanno.runtime); whether faiss itself
     # has a GPU is its own question: a CPU-only faiss wheel beside a CUDA torch is common
     name = check_device(device)
     if name == "cpu":
-        return False
-    has = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-    if name is not None and not has:
+        return None
+    n_gpus = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+    if name is None:
+        return 0 if n_gpus > 0 else None
+    if n_gpus == 0:
         raise CredannoError("faiss sees no GPU; install faiss-gpu or pass --device cpu")
-    return has
+    index = int(name.partition(":")[2] or 0)
+    if index >= n_gpus:
+        raise CredannoError(f"--device {name}: faiss sees {n_gpus} GPU(s) "
+                            f"(cuda:0 to cuda:{n_gpus - 1})")
+    return index
 
 
 def _flat_ip_index(dim: int, device: str | None, k: int):
@@ -101,11 +109,12 @@ def _flat_ip_index(dim: int, device: str | None, k: int):
 
     index = faiss.IndexFlatIP(dim)
     # faiss GPU flat search supports k <= 2048; beyond that the CPU index is exact too.
-    if k <= 2048 and _use_gpu(faiss, device):
+    gpu = _gpu_index(faiss, device) if k <= 2048 else None
+    if gpu is not None:
         global _GPU_RES
         if _GPU_RES is None:
-            _GPU_RES = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(_GPU_RES, 0, index)
+            _GPU_RES = faiss.StandardGpuResources()  # one per process, for every GPU
+        index = faiss.index_cpu_to_gpu(_GPU_RES, gpu, index)
     return index
 
 

@@ -1,7 +1,8 @@
-"""Parsing of the evaluation commands' list options (``--k 10,20,50``, ``--seeds 0-4``).
+"""Parsing of the commands' list options (``--k 10,20,50``, ``--frac 0.01,1``, ``--seeds 0-4``).
 
-Plain functions (text in, values out) raising one-line :class:`CredannoError`, shared by
-``credanno knn`` and ``credanno probe``, plus the writing of their outputs.
+Plain functions (text in, values out) raising one-line :class:`CredannoError`: the one
+parser of ``--frac`` and ``--seeds``/``--n-seeds`` for every command (knn, probe, bench,
+demo), plus the writing of the evaluation commands' outputs.
 """
 
 from __future__ import annotations
@@ -34,25 +35,27 @@ def parse_ks(text: str) -> list[int]:
     return ks
 
 
-def parse_fracs(text: str) -> list[float]:
-    """``"0.01,0.1,1"`` -> [0.01, 0.1, 1.0]; each in (0, 1]."""
+def parse_fracs(text: str, option: str = "--frac") -> list[float]:
+    """``"0.01,0.1,1"`` -> [0.01, 0.1, 1.0]; each in (0, 1]. ``option`` names the flag in
+    errors (``--frac``, ``--cnn-frac``)."""
     try:
         fracs = [float(t) for t in _items(text)]
     except ValueError:
-        raise CredannoError(f"--frac {text!r} is not understood; pass e.g. --frac 0.01,0.1,1"
-                            ) from None
+        raise CredannoError(f"{option} {text!r} is not understood; pass e.g. "
+                            f"{option} 0.01,0.1,1") from None
     if not fracs:
-        raise CredannoError("--frac is empty; pass e.g. --frac 0.01,0.1,1")
-    bad = [f for f in fracs if not 0 < f <= 1]
+        raise CredannoError(f"{option} is empty; pass e.g. {option} 0.01,0.1,1")
+    bad = [f for f in fracs if not 0 < f <= 1]  # NaN fails the comparison too
     if bad:
-        raise CredannoError(f"--frac {bad[0]:g}: a label fraction must be in (0, 1]; "
-                            "pass e.g. --frac 0.01")
+        raise CredannoError(f"{option} {bad[0]:g}: a label fraction must be in (0, 1]; "
+                            f"pass e.g. {option} 0.01")
     return fracs
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``"0-4"`` -> [0..4]; ``"0,3,7"`` -> [0, 3, 7]; ``"3"`` -> [0, 1, 2] (a count, as in
-    ``credanno bench``). At most :data:`credanno.checks.MAX_SEEDS` seeds, each < 2**32."""
+def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
+    """``"0-4"`` -> [0..4]; ``"0,3,7"`` -> [0, 3, 7]; ``"7"`` -> [7] (that one seed; the
+    first N seeds are :func:`first_seeds`, ``--n-seeds N``). At most
+    :data:`credanno.checks.MAX_SEEDS` seeds, each < 2**32."""
     text = str(text).strip()
     try:
         if "," in text:
@@ -61,16 +64,21 @@ def parse_seeds(text: str) -> list[int]:
             lo, hi = (int(t) for t in text.split("-", 1))
             seeds = range(lo, hi + 1)  # a range, not a list: --seeds 0-1000000000 is a typo
         else:
-            seeds = range(int(text))
+            seeds = [int(text)]
     except ValueError:
-        raise CredannoError(f"--seeds {text!r} is not understood; pass a range (0-4), a list "
-                            "(0,3,7) or a count (3)") from None
+        raise CredannoError(f"{option} {text!r} is not understood; pass a range (0-4), a list "
+                            "(0,3,7) or one seed (7)") from None
     if len(seeds) > checks.MAX_SEEDS:  # before min(): a huge range must not be walked
-        raise CredannoError(f"--seeds {text!r} gives {len(seeds)} seeds, more than "
-                            f"{checks.MAX_SEEDS}; pass e.g. --seeds 0-4")
-    if not seeds or min(seeds) < 0:
-        raise CredannoError(f"--seeds {text!r} gives no usable seed; pass e.g. --seeds 0-4")
-    return checks.seeds(seeds)
+        raise CredannoError(f"{option} {text!r} gives {len(seeds)} seeds, more than "
+                            f"{checks.MAX_SEEDS}; pass e.g. {option} 0-4")
+    if not seeds:
+        raise CredannoError(f"{option} {text!r} gives no seed; pass e.g. {option} 0-4")
+    return checks.seeds(seeds, option)
+
+
+def first_seeds(n: int, option: str = "--n-seeds") -> list[int]:
+    """``--n-seeds N``: the first ``n`` seeds, 0 .. n-1."""
+    return list(range(checks.count(n, option, high=checks.MAX_SEEDS)))
 
 
 def parse_labels(text: str | None) -> list[str] | None:
@@ -83,15 +91,15 @@ def parse_labels(text: str | None) -> list[str] | None:
     return names
 
 
-def subset_spec(fracs: str, n_labels: int | None, mode: str, stratify: bool,
-                seeds: str) -> SubsetSpec:
+def subset_spec(fracs: list[float], n_labels: int | None, mode: str, stratify: bool,
+                seeds: list[int]) -> SubsetSpec:
     """The :class:`SubsetSpec` of the shared subset options (``--n-labels`` replaces
     ``--frac``; ``--stratify`` stratifies by malignancy)."""
     from credanno.eval.specs import SubsetSpec
 
-    return SubsetSpec(fracs=parse_fracs(fracs) if n_labels is None else (),
+    return SubsetSpec(fracs=fracs if n_labels is None else (),
                       n_labels=None if n_labels is None else (n_labels,), mode=mode,
-                      stratify="malignancy" if stratify else None, seeds=parse_seeds(seeds))
+                      stratify="malignancy" if stratify else None, seeds=seeds)
 
 
 def emit(result, as_json: bool, csv: Path | None, predictions: Path | None) -> str:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from credanno._atomic import atomic_path
+from credanno.augment.rng import forked_seed
 from credanno.errors import CredannoError
 from credanno.paths import RUNS_DIR
 from credanno.transforms import EvalTransform
@@ -220,8 +221,7 @@ def load_backbone(path_or_run_dir: str | os.PathLike, which: str = "teacher",
     state = read_checkpoint(path, map_location=map_location)
     arch = state["backbone"]["arch"]
     kwargs = dict(state["backbone"].get("kwargs", {}))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with forked_seed(0):  # "random" is timm's initialisation under seed 0
         try:
             model = create_backbone(arch, kwargs)
         except (ValueError, RuntimeError, AssertionError, ZeroDivisionError) as exc:

@@ -10,17 +10,20 @@ teacher from collapsing (the paper's section 2).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from credanno import runtime
 
 
 class DINOLoss(nn.Module):
     """Cross-entropy between the teacher's global views and the student's other views."""
 
     def __init__(self, out_dim: int, n_global: int = 2, student_temp: float = 0.1,
-                 center_momentum: float = 0.9):
+                 center_momentum: float = 0.9, env: runtime.DistEnv | None = None):
         super().__init__()
+        # the ranks the centre is averaged over (default: this process alone)
+        self.env = env if env is not None else runtime.DistEnv()
         self.n_global = n_global
         self.student_temp = student_temp
         self.center_momentum = center_momentum
@@ -51,10 +54,7 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
         """EMA of the teacher's batch mean, the mean taken over every rank's images."""
-        batch_sum = teacher_out.float().sum(dim=0, keepdim=True)
-        count = teacher_out.shape[0]
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_sum)
-            count *= dist.get_world_size()
-        batch_mean = batch_sum / count
+        batch_sum = runtime.all_reduce_sum(teacher_out.float().sum(dim=0, keepdim=True),
+                                           self.env)
+        batch_mean = batch_sum / (teacher_out.shape[0] * self.env.world_size)
         self.center.mul_(self.center_momentum).add_(batch_mean, alpha=1 - self.center_momentum)

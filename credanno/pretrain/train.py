@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from credanno import runtime
-from credanno.augment.rng import derive_seed, epoch_permutation, sample_keys
+from credanno.augment.rng import derive_seed, epoch_permutation, forked_seed, sample_keys
 from credanno.errors import CredannoError
 from credanno.pretrain.callbacks import Callback, ProgressBar
 from credanno.pretrain.checkpoint import (
@@ -186,8 +186,7 @@ class Trainer:
     def _build_models(self) -> None:
         cfg = self.cfg
         kwargs = cfg.backbone_kwargs()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
+        with forked_seed(cfg.seed):  # timm's and the heads' initialisation
             student_bb = create_backbone(cfg.arch, kwargs, drop_path_rate=cfg.drop_path)
             teacher_bb = create_backbone(cfg.arch, kwargs)
             dim = student_bb.num_features
@@ -211,7 +210,8 @@ class Trainer:
         self.last_layer_params = [p for n, p in self.student.head.named_parameters()
                                   if n.startswith(LAST_LAYER)]
         self.loss_fn = DINOLoss(cfg.out_dim, n_global=2, student_temp=cfg.student_temp,
-                                center_momentum=cfg.center_momentum).to(self.device)
+                                center_momentum=cfg.center_momentum,
+                                env=self.env).to(self.device)
 
     def _build_optimizer(self) -> None:
         cfg = self.cfg
@@ -338,8 +338,13 @@ class Trainer:
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over this epoch's image order; returns its metrics row."""
         cfg, env = self.cfg, self.env
-        # Drop path draws from the device's default generator: seed it per (epoch, rank).
-        torch.manual_seed(derive_seed(cfg.seed, epoch, env.rank, _DROP_PATH_SALT))
+        # Drop path draws from the device's default generator: seeded per (epoch, rank)
+        # for the epoch, the caller's random state restored afterwards.
+        with forked_seed(derive_seed(cfg.seed, epoch, env.rank, _DROP_PATH_SALT), self.device):
+            return self._epoch(epoch)
+
+    def _epoch(self, epoch: int) -> dict[str, Any]:
+        cfg, env = self.cfg, self.env
         order = epoch_permutation(cfg.seed, epoch, self.n)
         loss_sum = torch.zeros((), device=self.device)
         self._emit("on_epoch_start", epoch)
@@ -397,17 +402,16 @@ class Trainer:
         cfg, env = self.cfg, self.env
         try:
             self._emit("on_train_start", start_epoch)
-            with torch.random.fork_rng(devices=_cuda_devices(self.device)):
-                for epoch in range(start_epoch, cfg.epochs):
-                    row = self.run_epoch(epoch)
-                    self._check_finite(row, epoch)
-                    for callback in self.callbacks:
-                        row.update(callback.on_epoch_end(self, epoch, row))
-                    metrics.append(row)
-                    if env.is_main:
-                        save_checkpoint(self.checkpoint, self.state_dict(epoch + 1, metrics))
-                    self._emit("on_checkpoint", metrics)
-                    runtime.barrier(env)
+            for epoch in range(start_epoch, cfg.epochs):
+                row = self.run_epoch(epoch)
+                self._check_finite(row, epoch)
+                for callback in self.callbacks:
+                    row.update(callback.on_epoch_end(self, epoch, row))
+                metrics.append(row)
+                if env.is_main:
+                    save_checkpoint(self.checkpoint, self.state_dict(epoch + 1, metrics))
+                self._emit("on_checkpoint", metrics)
+                runtime.barrier(env)
             self._emit("on_train_end", metrics)
         except torch.OutOfMemoryError:
             raise CredannoError(
@@ -431,10 +435,6 @@ class Trainer:
     def _emit(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
-
-
-def _cuda_devices(device: torch.device) -> list[int]:
-    return [device.index or 0] if device.type == "cuda" else []
 
 
 def pretrain(config: PretrainConfig, progress: bool = False) -> RunResult:

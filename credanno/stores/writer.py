@@ -105,7 +105,7 @@ class StoreWriter(AbstractContextManager):
         self.train_rows = np.flatnonzero(table["split"].astype(str).to_numpy() == "train")
         self.rows_written = 0
         self.views_written = 0
-        self._closed = False
+        self._closed = True  # nothing to discard until the temp file exists
 
         meta = dict(provenance or {})
         meta.setdefault("credanno_version", __version__)
@@ -119,6 +119,7 @@ class StoreWriter(AbstractContextManager):
             check_space(self.path, self._needed_bytes() - self._feature_bytes())
         self._atomic = atomic_path(self.path, overwrite=overwrite)
         tmp = self._atomic.__enter__()
+        self._closed = False
         try:
             # (compressed stores) room for a few chunks per dataset keeps a partly filled
             # chunk in memory until it is complete, so sequential batches write it once.
@@ -355,10 +356,10 @@ class StoreWriter(AbstractContextManager):
     def __del__(self) -> None:
         # A writer dropped without close() must not leave its temp file behind.
         if not getattr(self, "_closed", True):
-            try:
+            # __del__ cannot report: a temp file that will not go away is left for the
+            # next writer of this folder, which removes those of dead processes
+            with contextlib.suppress(OSError, CredannoError):
                 self._discard(None)
-            except Exception:
-                pass
 
     def __repr__(self) -> str:
         return (f"StoreWriter({str(self.path)!r}, {self.rows_written}/{self.n} rows, "
