@@ -9,9 +9,9 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import cli_error
 
 from credanno import stores
-from credanno.cli import main
 from credanno.errors import CredannoError, CredannoWarning
 from credanno.synthetic import synthetic_features, synthetic_images, synthetic_table
 
@@ -35,26 +35,13 @@ def syn(tmp_path_factory):
     return {"root": root, "patch": patch, "store": store, "table": table}
 
 
-def _error(capsys, args: list[str]) -> str:
-    """Run the CLI, expecting exit 2 with exactly one ``error:`` line; return that line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("warning:")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
-
-
 # -- item 8: zero counts are errors, not "use the preset" -------------------------------------
 
 @pytest.mark.parametrize("cmd", [["demo"], ["bench", "table2"]])
 def test_epochs_zero_is_an_error_not_the_preset(cmd, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    line = _error(capsys, [*cmd, "--epochs", "0", "--out", str(out)])
+    line = cli_error(capsys, [*cmd, "--epochs", "0", "--out", str(out)])
     assert "--epochs 0: must be >= 1" in line
     assert not out.exists()
 
@@ -75,7 +62,7 @@ def test_epochs_zero_is_an_error_not_the_preset(cmd, tmp_path, capsys, monkeypat
 ])
 def test_zero_and_negative_counts_are_errors(args, fragment, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert fragment in _error(capsys, args)
+    assert fragment in cli_error(capsys, args)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -107,14 +94,14 @@ def test_bad_numbers_and_devices_fail_before_work(args, fragment, syn, tmp_path,
     monkeypatch.chdir(tmp_path)
     store = [] if args[0] in ("bench",) and args[1] == "table2" else ["--store", str(syn["store"])]
     csv = [] if args[0] in ("tsne", "bench") else ["--csv", str(tmp_path / "r.csv")]
-    assert fragment in _error(capsys, [*args, *store, *csv])
+    assert fragment in cli_error(capsys, [*args, *store, *csv])
     assert list(tmp_path.iterdir()) == []  # no CSV, figure or results folder
 
 
 @pytest.mark.parametrize("seed", ["-1", str(2**63 + 1)])
 def test_prepare_seed_out_of_range(seed, tmp_path, capsys):
     out = tmp_path / "p.h5"
-    line = _error(capsys, ["prepare", "--seed", seed, "--out", str(out)])
+    line = cli_error(capsys, ["prepare", "--seed", seed, "--out", str(out)])
     assert f"--seed {seed}: must be in [0, 4294967295]" in line
     assert not out.exists()
 
@@ -169,11 +156,11 @@ def test_device_resolver():
 
 def test_encoder_option_patch_size_zero(tiny_patch_file, tmp_path, capsys):
     out = tmp_path / "s.h5"
-    line = _error(capsys, ["embed", "--encoder", "timm:vit_tiny_patch16_224",
+    line = cli_error(capsys, ["embed", "--encoder", "timm:vit_tiny_patch16_224",
                            "--encoder-option", "img_size=32", "--encoder-option",
                            "patch_size=0", "--data", str(tiny_patch_file), "--out", str(out)])
     assert "--encoder-option patch_size=0: must be a positive whole number" in line
-    line = _error(capsys, ["embed", "--encoder", "timm:vit_tiny_patch16_224",
+    line = cli_error(capsys, ["embed", "--encoder", "timm:vit_tiny_patch16_224",
                            "--encoder-option", "img_size=32", "--encoder-option",
                            "patch_size=64", "--data", str(tiny_patch_file), "--out", str(out)])
     assert "cannot run with --encoder-option settings" in line
@@ -227,13 +214,13 @@ def test_unwritable_tsne_cache_warns_and_keeps_the_map(syn, tmp_path):
 def test_write_errors_name_the_option(option, syn, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    line = _error(capsys, ["knn", "--store", str(syn["store"]), "--k", "3", "--n-seeds", "1",
+    line = cli_error(capsys, ["knn", "--store", str(syn["store"]), "--k", "3", "--n-seeds", "1",
                            "--labels", "malignancy", option, str(blocker / "sub" / "r.csv")])
     assert line.endswith(f"choose a writable {option}")
 
 
 def test_cnn_frac_errors_name_cnn_frac(syn, capsys):
-    line = _error(capsys, ["bench", "fig4", "--store", str(syn["store"]), "--cnn-frac", "2"])
+    line = cli_error(capsys, ["bench", "fig4", "--store", str(syn["store"]), "--cnn-frac", "2"])
     assert "--cnn-frac 2:" in line
 
 
@@ -244,7 +231,7 @@ def test_fig4_data_must_be_the_stores_patch_file(syn, tmp_path, capsys):
     other_table = synthetic_table(n_nodules=30, per_nodule=3, seed=5)
     other = write_patch_file(tmp_path / "other.h5", synthetic_images(other_table), other_table,
                              {"source": "synthetic", "seed": 0})
-    line = _error(capsys, ["bench", "fig4", "--store", str(syn["store"]), "--data", str(other),
+    line = cli_error(capsys, ["bench", "fig4", "--store", str(syn["store"]), "--data", str(other),
                            "--n-seeds", "1", "--out", str(tmp_path / "f.png")])
     assert f"--data {other} is not the patch file store store.h5 was embedded from" in line
     assert not (tmp_path / "f.png").exists()
@@ -257,8 +244,8 @@ def test_fig4_data_must_be_the_stores_patch_file(syn, tmp_path, capsys):
 
 
 def test_bench_perf_on_an_empty_folder_is_an_error(tmp_path, capsys):
-    line = _error(capsys, ["bench", "perf", "--dir", str(tmp_path)])
+    line = cli_error(capsys, ["bench", "perf", "--dir", str(tmp_path)])
     assert f"no benchmark scripts (*.py) in {tmp_path}" in line
     (tmp_path / "norun.py").write_text("X = 1\n")
-    line = _error(capsys, ["bench", "perf", "--dir", str(tmp_path)])
+    line = cli_error(capsys, ["bench", "perf", "--dir", str(tmp_path)])
     assert "none of norun.py defines run(quick)" in line

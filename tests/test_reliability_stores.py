@@ -8,9 +8,9 @@ import shutil
 import h5py
 import numpy as np
 import pytest
+from helpers import cli_error
 
 from credanno import stores
-from credanno.cli import main
 from credanno.data.patchfile import read_patch_file, write_patch_file
 from credanno.errors import CredannoError
 from credanno.synthetic import synthetic_features, synthetic_images, synthetic_table
@@ -27,19 +27,6 @@ def table():
 def store_path(tmp_path, table):
     feats = {"cls": synthetic_features(table, dim=8), "last4": synthetic_features(table, dim=12)}
     return stores.save(tmp_path / "s.h5", feats, table, PROV)
-
-
-def _cli_error(capsys, args: list[str]) -> str:
-    """Run the CLI, expect exit 2 with one `error:` line and no traceback; return the line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    err = capsys.readouterr().err
-    assert exc.value.code == 2, err
-    assert "Traceback" not in err
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("warning:")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def _rewrite(group: h5py.Group, name: str, data: np.ndarray, dtype=None) -> None:
@@ -110,7 +97,7 @@ def test_patch_file_non_square_refused_at_write(tmp_path, table):
 def test_embed_refuses_damaged_patch_file(patch_file, tmp_path, capsys, how):
     _damage_patch(patch_file, how)
     out = tmp_path / "store.h5"
-    line = _cli_error(capsys, ["embed", "--encoder", "pixels", "--data", str(patch_file),
+    line = cli_error(capsys, ["embed", "--encoder", "pixels", "--data", str(patch_file),
                                "--out", str(out), "--quiet"])
     assert "credanno prepare" in line and str(patch_file) in line
     assert not out.exists()  # the old code wrote 2,573 all-zero rows here and exited 0
@@ -119,7 +106,7 @@ def test_embed_refuses_damaged_patch_file(patch_file, tmp_path, capsys, how):
 @pytest.mark.parametrize("how", ["fewer_images", "no_images", "non_square"])
 def test_pretrain_refuses_damaged_patch_file(patch_file, tmp_path, capsys, how):
     _damage_patch(patch_file, how)
-    line = _cli_error(capsys, ["pretrain", "--preset", "cpu-tiny", "--data", str(patch_file),
+    line = cli_error(capsys, ["pretrain", "--preset", "cpu-tiny", "--data", str(patch_file),
                                "--epochs", "1", "--batch-size", "8", "--device", "cpu",
                                "--out", str(tmp_path / "run"), "--no-progress"])
     assert re.search(PATCH_DAMAGE[how], line)
@@ -213,7 +200,7 @@ def test_eval_commands_refuse_damaged_store(store_path, tmp_path, capsys, monkey
             "probe": ["probe", "--store", str(store_path), "--epochs", "1", "--n-seeds", "1",
                       "--device", "cpu"],
             "tsne": ["tsne", "--store", str(store_path), "--out", str(tmp_path / "t.png")]}
-    line = _cli_error(capsys, args[command])
+    line = cli_error(capsys, args[command])
     assert "damaged store" in line and "credanno embed" in line
     assert not (tmp_path / "t.png").exists()
 
