@@ -169,6 +169,14 @@ class Restricted(NamedTuple):
     record: dict[str, Any]
 
 
+def _column_names(table: pd.DataFrame) -> str:
+    """The table's columns, the per-label rating columns folded into their pattern."""
+    cols = [str(c) for c in table.columns]
+    short = [c for c in cols if not c.startswith(("rating_", "raw_"))]
+    extra = [p + "<label>" for p in ("rating_", "raw_") if any(c.startswith(p) for c in cols)]
+    return ", ".join(short + extra)
+
+
 def where_rows(table: pd.DataFrame, where: str) -> np.ndarray:
     """Positions of the rows of ``table`` that ``where`` selects: a pandas query over the
     per-image table (``"diameter >= 10"``, ``"patient_id != 'LIDC-IDRI-0078'"``)."""
@@ -176,8 +184,8 @@ def where_rows(table: pd.DataFrame, where: str) -> np.ndarray:
         mask = table.eval(where)
     except Exception as e:  # pandas raises NameError, SyntaxError, KeyError, ValueError, ...
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        hint = (f"; columns: {', '.join(map(str, table.columns))}"
-                if isinstance(e, NameError) else "; e.g. --where \"diameter >= 10\"")
+        hint = (f"; columns: {_column_names(table)}" if isinstance(e, NameError)
+                else "; e.g. --where \"diameter >= 10\"")
         raise CredannoError(f"--where {where!r} is not a query over the image table "
                             f"({reason}){hint}") from None
     if not isinstance(mask, pd.Series) or mask.dtype != bool or len(mask) != len(table):
