@@ -152,5 +152,7 @@ def check_selection(picked: np.ndarray | Selection, n_rows: int, name: str) -> S
     return Selection(uniq.astype(np.int64), groups)
 
 
-# the built-in strategies register themselves on import
-from credanno.eval.strategies import nodule, random, stratified  # noqa: E402, F401
+# the built-in strategies register themselves on import, in this order (the CLI lists them)
+import credanno.eval.strategies.random  # noqa: E402, F401, I001
+import credanno.eval.strategies.nodule  # noqa: E402, F401
+import credanno.eval.strategies.stratified  # noqa: E402, F401
