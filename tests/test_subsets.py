@@ -345,19 +345,21 @@ def test_cli_subset_file_and_where_errors_are_one_line(store, tmp_path, capsys):
     assert "drop --frac" in err
 
 
-def test_cli_subset_file_where_and_strategy_aliases(store, train, tmp_path):
+def test_cli_subset_file_where_and_strategy_aliases(store, train, tmp_path, monkeypatch):
     ids = tmp_path / "ids.csv"
     pd.DataFrame({"annotation_id": train["annotation_id"].head(6)}).to_csv(ids, index=False)
     run = CliRunner().invoke
-    res = run(cli, ["knn", "--store", str(store), "--k", "50", "--subset-file", str(ids),
-                    "--json"])
+    (tmp_path / "stores").mkdir()
+    store = store.rename(tmp_path / "stores" / store.name)
+    monkeypatch.chdir(tmp_path)  # the default store: the newest under stores/
+    res = run(cli, ["knn", "--k", "50", "--subset-file", "ids.csv", "--json"])
     assert res.exit_code == 0, res.output
     cfg = json.loads(res.stdout)["config"]
     assert cfg["subset_file"]["sha256"] == hashlib.sha256(ids.read_bytes()).hexdigest()
     res = run(cli, ["knn", "--store", str(store), "--k", "5", "--subset-file", str(ids)])
     assert res.exit_code == 0 and "subset file: " in res.stdout
-    res = run(cli, ["probe", "--store", str(store), "--where", "diameter >= 10", "--epochs",
-                    "2", "--n-seeds", "1", "--labels", "malignancy", "--device", "cpu"])
+    res = run(cli, ["probe", "--where", "diameter >= 10", "--epochs", "2", "--n-seeds", "1",
+                    "--labels", "malignancy", "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert "where diameter >= 10: " in res.stdout
     outs = {}
