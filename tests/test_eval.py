@@ -399,7 +399,7 @@ def test_vectorised_metrics_equal_scalar_ones_and_json_nulls():
     summary = r.records("summary")[0]
     assert summary["acc_sd"] is None and summary["n_seeds"] == 1  # one seed: no sd
     import json
-    assert set(json.loads(r.to_json())) == {"results", "summary"}
+    assert set(json.loads(r.to_json())) == {"results", "summary", "config"}
 
 
 def test_probe_sweep_equals_one_probe_per_subset():

@@ -85,7 +85,7 @@ def test_cli_knn_json_csv_predictions(store_path, tmp_path):
                 "--seeds", "0-1", "--json", "--csv", str(csv), "--predictions", str(pred)])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
-    assert set(out) == {"results", "summary"}
+    assert set(out) == {"results", "summary", "config"}
     rec = out["results"][0]
     assert set(RESULT_COLUMNS) <= set(rec) and len(rec["ci95"]) == 2
     assert len(out["results"]) == 9 * 2 * 2 * 2 and len(out["summary"]) == 9 * 2 * 2

@@ -2,8 +2,9 @@
 
 Our k-NN and trained predictors read the store; the end-to-end supervised CNN (the paper's
 "Baseline", :class:`~credanno.bench.supervised.EndToEndClassifier`) trains on the images of
-the patch file the store was embedded from, on exactly the same label subsets
-(:func:`credanno.eval.subsets.label_subset` of the training split, same fraction and seed).
+the patch file the store was embedded from, on exactly the same label subsets (drawn once by
+:func:`credanno.eval.subsets.draw_subsets` from the store's training split and handed to all
+three: any strategy, or a subset file).
 Curves are mean +/- sd over seeds on a log fraction axis.
 """
 
@@ -13,7 +14,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,10 @@ from credanno.errors import CredannoError
 from credanno.numerics import mean_sd
 from credanno.outputs import md_text, one_line, write_csv
 from credanno.viz.source import DataSource, describe_source, patch_file_of
+
+if TYPE_CHECKING:
+    from credanno.eval.specs import SubsetSpec
+    from credanno.eval.subsets import Subset
 
 FIG4_FRACS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -102,12 +107,18 @@ def _malignancy_rows(results: pd.DataFrame, series: str) -> pd.DataFrame:
 def cnn_subset_accuracy(patch_file: str | os.PathLike, fracs: Sequence[float],
                         seeds: Sequence[int], cnn: dict[str, Any] | None = None,
                         series: str = "end-to-end CNN",
-                        on_config: Callable[[str], None] | None = None) -> pd.DataFrame:
-    """Malignancy accuracy of the end-to-end CNN trained on each (fraction, seed) subset."""
+                        on_config: Callable[[str], None] | None = None, *,
+                        labelled: Sequence[Subset] | None = None,
+                        labelled_ids: np.ndarray | None = None) -> pd.DataFrame:
+    """Malignancy accuracy of the end-to-end CNN trained on each (fraction, seed) subset.
+
+    ``labelled``: subsets already drawn (by the k-NN and probes' :func:`draw_subsets`), their
+    rows numbering ``labelled_ids``, the annotation ids of the store's training rows; the
+    CNN then trains on exactly those images. Otherwise the paper's random subsets of
+    ``fracs`` x ``seeds`` are drawn from the patch file's training split.
+    """
     from credanno.bench.supervised import EndToEndClassifier
     from credanno.data.patchfile import read_patch_file
-    from credanno.eval.specs import SubsetSpec
-    from credanno.eval.subsets import draw_subsets
 
     ps = read_patch_file(patch_file)
     split = ps.table["split"].astype(str).to_numpy()
@@ -116,8 +127,7 @@ def cnn_subset_accuracy(patch_file: str | os.PathLike, fracs: Sequence[float],
     table_train = ps.table.iloc[tr].reset_index(drop=True)
     test_keep = te[y[te] >= 0]
     recs = []
-    # the same subsets as the k-NN and the probes: one draw_subsets for all three
-    for subset in draw_subsets(SubsetSpec(fracs=fracs, seeds=seeds), table_train):
+    for subset in _cnn_subsets(table_train, fracs, seeds, labelled, labelled_ids):
         rows, seed = tr[subset.rows], subset.seed
         clf = EndToEndClassifier(seed=seed, n_classes=2, **(cnn or {}))
         clf.fit(ps.images[rows], y[rows])
@@ -127,6 +137,27 @@ def cnn_subset_accuracy(patch_file: str | os.PathLike, fracs: Sequence[float],
         if on_config:
             on_config(f"{series}: {subset.frac:g} seed {seed}: {acc * 100:.1f}%")
     return pd.DataFrame(recs)
+
+
+def _cnn_subsets(table_train: pd.DataFrame, fracs: Sequence[float], seeds: Sequence[int],
+                 labelled: Sequence[Subset] | None,
+                 labelled_ids: np.ndarray | None) -> list[Subset]:
+    """The CNN's subsets as rows of the patch file's training split."""
+    from credanno.eval.specs import SubsetSpec
+    from credanno.eval.subsets import draw_subsets
+
+    if labelled is None:
+        # the same subsets as the k-NN and the probes: one draw_subsets for all three
+        return draw_subsets(SubsetSpec(fracs=fracs, seeds=seeds), table_train)
+    index = pd.Index(table_train["annotation_id"].to_numpy())
+    out = []
+    for s in labelled:
+        rows = index.get_indexer(np.asarray(labelled_ids)[s.rows])
+        if (rows < 0).any():
+            raise CredannoError("the patch file lacks training images of the store's subsets; "
+                                "pass the patch file the store was embedded from")
+        out.append(s._replace(rows=np.sort(rows)))
+    return out
 
 
 def _recorded_sha256(provenance: dict[str, Any]) -> str | None:
@@ -179,10 +210,11 @@ class CnnBaseline:
 def run_fig4(store: str | os.PathLike | None = None, fracs: Sequence[float] = FIG4_FRACS,
              seeds: Sequence[int] = (0, 1, 2), k: int = 50, probe_epochs: int = 100,
              cnn: CnnBaseline | None = CnnBaseline(), device: str | None = None,
-             progress: bool = False,
-             on_config: Callable[[str], None] | None = None) -> Fig4Result:
+             progress: bool = False, on_config: Callable[[str], None] | None = None,
+             subsets: SubsetSpec | None = None) -> Fig4Result:
     """Malignancy accuracy over label fractions for k-NN, probes and the end-to-end CNN
-    (``cnn=None``: without the CNN)."""
+    (``cnn=None``: without the CNN). ``subsets``: another strategy or a subset file instead
+    of the paper's random ``fracs`` x ``seeds``; every method trains on the same rows."""
     from credanno import checks, stores
     from credanno.bench.supervised import EndToEndClassifier
     from credanno.eval import knn_sweep, probe_sweep
@@ -191,10 +223,14 @@ def run_fig4(store: str | os.PathLike | None = None, fracs: Sequence[float] = FI
     from credanno.viz.tsne import resolve_store
 
     # every setting is checked before the k-NN and probes run, so none of their work is lost
-    subsets = SubsetSpec(fracs=sorted(_fracs(fracs, "--frac")), seeds=checks.seeds(seeds))
+    if subsets is None:
+        subsets = SubsetSpec(fracs=sorted(_fracs(fracs, "--frac")), seeds=checks.seeds(seeds))
+    subsets = replace(subsets, fracs=tuple(sorted(subsets.fracs)))
     k = checks.count(k, "--k")
     probe = ProbeSpec(epochs=checks.count(probe_epochs, "--probe-epochs"), device=device)
     cnn_fracs = None if cnn is None or cnn.fracs is None else _fracs(cnn.fracs, "--cnn-frac")
+    if cnn_fracs is not None and subsets.file is not None:
+        raise CredannoError("--cnn-frac does not apply to a --subset-file; drop it")
     if cnn is not None:
         resolve_device(EndToEndClassifier(**cnn.options).device)
     path = resolve_store(store)
@@ -204,26 +240,51 @@ def run_fig4(store: str | os.PathLike | None = None, fracs: Sequence[float] = FI
             check_patch_file(Path(cnn.data), prov, path, s.table())
         probe = replace(probe, kind="last4" if "last4" in s.feature_sets else s.feature_sets[0])
         knn_kind = "cls" if "cls" in s.feature_sets else s.feature_sets[0]
-        n_train = len(s.rows("train"))
-    knn = knn_sweep(path, subsets, KnnSpec(ks=[k], kind=knn_kind), labels=["malignancy"],
+        table_train = s.table("train").reset_index(drop=True)
+    drawn = _draw(subsets, table_train, path, knn_kind)
+    knn = knn_sweep(path, drawn, KnnSpec(ks=[k], kind=knn_kind), labels=["malignancy"],
                     progress=progress)
     frames = [_malignancy_rows(knn.results, f"ours: {k}-NN")]
-    res = probe_sweep(path, subsets, probe, progress=progress)
+    res = probe_sweep(path, drawn, probe, progress=progress)
     frames.append(_malignancy_rows(res.results, "ours: trained (G_cls)"))
     notes = [f"k-NN uses k = {k} (clamped to the labelled images when fewer; "
-             f"{n_train} training images)."]
+             f"{len(table_train)} training images)."]
+    if subsets.strategy != "random" or subsets.file is not None:
+        notes.append(f"Label subsets: {_subsets_text(subsets)}.")
     if cnn is not None:
         patch = Path(cnn.data) if cnn.data is not None else patch_file_of(prov, path)
         if patch is None:
             raise CredannoError(f"cannot find the patch file of store {path} for the "
                                 "end-to-end baseline; pass --data PATH or --no-cnn")
         arch = cnn.options.get("arch", "resnet18")
-        frames.append(cnn_subset_accuracy(patch, sorted(cnn_fracs or subsets.fracs),
-                                          subsets.seeds, cnn.options,
-                                          series=f"end-to-end {arch} (baseline)",
-                                          on_config=on_config))
+        cnn_drawn = drawn if cnn_fracs is None else _draw(
+            replace(subsets, fracs=tuple(sorted(cnn_fracs))), table_train, path, knn_kind)
+        frames.append(cnn_subset_accuracy(
+            patch, [], subsets.seeds, cnn.options, series=f"end-to-end {arch} (baseline)",
+            on_config=on_config, labelled=cnn_drawn,
+            labelled_ids=table_train["annotation_id"].to_numpy()))
         notes.append(f"Baseline: timm {arch} trained end-to-end from random weights on the "
                      f"same label subsets ({cnn.options.get('epochs', 30)} epochs; the "
                      "paper's is ResNet-50).")
     return Fig4Result(raw=pd.concat(frames, ignore_index=True),
                       data=describe_source(prov, path), store=path, notes=notes)
+
+
+def _draw(subsets: SubsetSpec, table_train: pd.DataFrame, path: Path,
+          kind: str) -> list[Subset]:
+    """The subsets every Fig. 4 method trains on (features read only if the strategy asks)."""
+    from credanno import stores
+    from credanno.eval.subsets import draw_subsets
+
+    def features() -> np.ndarray:
+        with stores.open(path) as s:
+            return s.features("train", kind)
+
+    return draw_subsets(subsets, table_train, features)
+
+
+def _subsets_text(subsets: SubsetSpec) -> str:
+    if subsets.file is not None:
+        return f"the images listed in {Path(subsets.file).name}"
+    return f"strategy {subsets.strategy}" + (f" by {subsets.stratify}" if subsets.stratify
+                                             else "")

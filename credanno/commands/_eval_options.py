@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from credanno.commands._types import DEVICE, FRACS, N_SEEDS, POSITIVE, SEEDS
+from credanno.commands._types import DEVICE, FRACS, N_SEEDS, POSITIVE, SEEDS, RegistryChoice
 from credanno.errors import CredannoError
+
+if TYPE_CHECKING:
+    from credanno.eval.specs import SubsetSpec
 
 PATH = click.Path(dir_okay=False, path_type=Path)
 
@@ -36,18 +39,50 @@ def store_options(f: Callable) -> Callable:
 
 
 def subset_options(f: Callable) -> Callable:
-    """The labelled subset: ``--frac`` or ``--n-labels``, ``--subset``, ``--stratify``."""
+    """The labelled subset (``--frac`` or ``--n-labels`` drawn by ``--strategy``, or
+    ``--subset-file``; ``--subset`` and ``--stratify`` are aliases of strategies) and the
+    sub-population (``--where``); the command builds them with :func:`subset_spec_of`."""
     return _apply(f, [
         click.option("--frac", "fracs", type=FRACS, default="1", show_default=True,
                      help="Label fractions of the training images, comma-separated, in (0, 1]."),
         click.option("--n-labels", type=POSITIVE, default=None,
                      help="Label this many training images instead of a fraction."),
-        click.option("--subset", type=click.Choice(["annotation", "nodule"]),
-                     default="annotation", show_default=True,
-                     help="Draw labelled images one by one or as whole nodules."),
+        click.option("--strategy", type=RegistryChoice("credanno.eval.strategies:"
+                                                       "strategy_names"),
+                     default="random", show_default=True,
+                     help="How the labelled images are chosen: random (one by one, the "
+                          "paper's), nodule (whole nodules), stratified (by malignancy), ..."),
+        click.option("--subset", type=click.Choice(["annotation", "nodule"]), default=None,
+                     help="Draw images one by one or as whole nodules (--subset nodule is "
+                          "--strategy nodule; with stratified, nodule-wise strata)."),
         click.option("--stratify", is_flag=True,
-                     help="Stratify the labelled subset by malignancy."),
+                     help="Stratify by malignancy (the same as --strategy stratified)."),
+        click.option("--subset-file", type=PATH, default=None,
+                     help="Label exactly these images: a CSV with an annotation_id (or "
+                          "nodule_id) column, or one annotation id per line."),
+        click.option("--where", default=None, metavar="EXPR",
+                     help="Restrict training and test images to a pandas query over the "
+                          "image table, e.g. \"diameter >= 10\"."),
     ])
+
+
+def subset_spec_of(fracs: list[float], n_labels: int | None, strategy: str,
+                   subset: str | None, stratify: bool, subset_file: Path | None,
+                   seeds: list[int]) -> SubsetSpec:
+    """The :class:`SubsetSpec` of :func:`subset_options`' values; ``--subset-file`` with an
+    explicit ``--frac`` is an error (the file gives the labelled images itself)."""
+    from credanno.eval.specs import SubsetSpec
+
+    if subset_file is not None:
+        ctx = click.get_current_context(silent=True)
+        source = ctx.get_parameter_source("fracs") if ctx is not None else None
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            raise CredannoError("--subset-file names the labelled images itself; drop --frac")
+    return SubsetSpec(fracs=fracs if n_labels is None else (),
+                      n_labels=None if n_labels is None else (n_labels,),
+                      mode=subset or "annotation",
+                      stratify="malignancy" if stratify else None, seeds=seeds,
+                      strategy=strategy, file=None if subset_file is None else str(subset_file))
 
 
 def output_options(f: Callable) -> Callable:

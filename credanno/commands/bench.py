@@ -86,6 +86,12 @@ def fig2(store: Path | None, seeds: list[int], probe_epochs: int, device: str | 
 @_SEEDS
 @click.option("--frac", "fracs", type=FRACS, default="0.01,0.02,0.05,0.1,0.2,0.5,1",
               show_default=True, help="Label fractions, comma-separated, in (0, 1].")
+@click.option("--strategy", type=RegistryChoice("credanno.eval.strategies:strategy_names"),
+              default="random", show_default=True,
+              help="How the labelled images are chosen (the same rows for every method).")
+@click.option("--subset-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Label exactly these images instead (annotation_id or nodule_id CSV, or "
+                   "one id per line): one point per method.")
 @click.option("--k", type=POSITIVE, default=50, show_default=True)
 @click.option("--probe-epochs", type=POSITIVE, default=100, show_default=True)
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -102,19 +108,21 @@ def fig2(store: Path | None, seeds: list[int], probe_epochs: int, device: str | 
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("results/fig4.png"), show_default=True)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def fig4(store: Path | None, seeds: list[int], fracs: list[float], k: int, probe_epochs: int,
-         data: Path | None, no_cnn: bool, cnn_arch: str, cnn_epochs: int,
-         cnn_fracs: list[float] | None, cnn_size: int, device: str | None, out: Path,
-         csv_path: Path | None) -> None:
+def fig4(store: Path | None, seeds: list[int], fracs: list[float], strategy: str,
+         subset_file: Path | None, k: int, probe_epochs: int, data: Path | None, no_cnn: bool,
+         cnn_arch: str, cnn_epochs: int, cnn_fracs: list[float] | None, cnn_size: int,
+         device: str | None, out: Path, csv_path: Path | None) -> None:
     """Fig. 4: malignancy accuracy against annotation fraction (log scale)."""
     from credanno.bench.fig4 import CnnBaseline, run_fig4
+    from credanno.commands._eval_options import subset_spec_of
 
+    subsets = subset_spec_of(fracs, None, strategy, None, False, subset_file, seeds)
     cnn = None if no_cnn else CnnBaseline(
         {"arch": cnn_arch, "epochs": cnn_epochs, "image_size": cnn_size, "device": device},
         fracs=cnn_fracs, data=data)
     f4 = run_fig4(store, fracs=fracs, seeds=seeds, k=k,
                   probe_epochs=probe_epochs, cnn=cnn, device=device, progress=True,
-                  on_config=lambda line: click.echo(line, err=True))
+                  on_config=lambda line: click.echo(line, err=True), subsets=subsets)
     click.echo(f"Data: {f4.data.text}. Store: {f4.store}.\n")
     click.echo("Fig. 4: malignancy accuracy (%), mean ± sd over seeds\n")
     _echo_figure(f4, out, csv_path)

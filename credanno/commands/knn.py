@@ -10,6 +10,7 @@ from credanno.commands._eval_options import (
     seed_options,
     store_options,
     subset_options,
+    subset_spec_of,
 )
 from credanno.commands._types import FiniteFloat
 
@@ -32,21 +33,21 @@ from credanno.commands._types import FiniteFloat
 @device_option("cpu, or cuda / cuda:N for a faiss GPU index (default: a GPU when faiss "
                "sees one).")
 @output_options
-def knn(store, train_store, test_store, ks, fracs, n_labels, subset, stratify, seeds, T,
-        weighting, kind, labels, block_rows, device, as_json, csv, predictions,
-        progress) -> None:
+def knn(store, train_store, test_store, ks, fracs, n_labels, strategy, subset, stratify,
+        subset_file, where, seeds, T, weighting, kind, labels, block_rows, device, as_json,
+        csv, predictions, progress) -> None:
     """k-NN classification (cosine similarity, exp(sim/T) votes) of malignancy and the
     nodule attributes, over label fractions and seeds, from a feature store."""
     from credanno.errors import CredannoError
     from credanno.eval.knn import knn_sweep
-    from credanno.eval.options import emit, parse_ks, parse_labels, subset_spec
+    from credanno.eval.options import emit, parse_ks, parse_labels
     from credanno.eval.specs import KnnSpec
 
     if store is not None and train_store is not None:
         raise CredannoError("give --store or --train-store, not both")
-    subsets = subset_spec(fracs, n_labels, subset, stratify, seeds)
+    subsets = subset_spec_of(fracs, n_labels, strategy, subset, stratify, subset_file, seeds)
     spec = KnnSpec(ks=parse_ks(ks), T=T, weighting=weighting, kind=kind, block_rows=block_rows,
                    device=device)
     result = knn_sweep(train_store or store, subsets, spec, labels=parse_labels(labels),
-                       test_store=test_store, progress=progress)
+                       test_store=test_store, where=where, progress=progress)
     click.echo(emit(result, as_json, csv, predictions))

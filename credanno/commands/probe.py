@@ -10,6 +10,7 @@ from credanno.commands._eval_options import (
     seed_options,
     store_options,
     subset_options,
+    subset_spec_of,
 )
 from credanno.commands._types import POSITIVE, FiniteFloat
 from credanno.eval.probe import MAX_LR
@@ -43,21 +44,21 @@ from credanno.eval.probe import MAX_LR
 @click.option("--views/--no-views", default=True, show_default=True,
               help="Train on the store's augmented views when it has them.")
 @output_options
-def probe(store, train_store, test_store, fracs, n_labels, subset, stratify, seeds, epochs,
-          lr, batch_size, kind, labels, device, select, val_frac, standardize, views,
-          as_json, csv, predictions, progress) -> None:
+def probe(store, train_store, test_store, fracs, n_labels, strategy, subset, stratify,
+          subset_file, where, seeds, epochs, lr, batch_size, kind, labels, device, select,
+          val_frac, standardize, views, as_json, csv, predictions, progress) -> None:
     """Train the joint linear heads (one per attribute, malignancy on features + attribute
     logits) on a labelled subset and evaluate them on the test split."""
     from credanno.errors import CredannoError
-    from credanno.eval.options import emit, parse_labels, subset_spec
+    from credanno.eval.options import emit, parse_labels
     from credanno.eval.probe import probe_sweep
     from credanno.eval.specs import ProbeSpec
 
     if store is not None and train_store is not None:
         raise CredannoError("give --store or --train-store, not both")
-    subsets = subset_spec(fracs, n_labels, subset, stratify, seeds)
+    subsets = subset_spec_of(fracs, n_labels, strategy, subset, stratify, subset_file, seeds)
     spec = ProbeSpec(kind=kind, epochs=epochs, lr=lr, batch_size=batch_size, select=select,
                      val_frac=val_frac, standardize=standardize, views=views, device=device)
     result = probe_sweep(train_store or store, subsets, spec, labels=parse_labels(labels),
-                         test_store=test_store, progress=progress)
+                         test_store=test_store, where=where, progress=progress)
     click.echo(emit(result, as_json, csv, predictions))

@@ -29,8 +29,8 @@ from credanno.runtime import check_device
 
 if TYPE_CHECKING:
     from credanno.eval.results import EvalResult
-    from credanno.eval.specs import KnnSpec, SubsetSpec
-    from credanno.eval.subsets import Subset
+    from credanno.eval.specs import KnnSpec
+    from credanno.eval.subsets import Subset, SubsetsLike
 
 #: weighting name -> function(similarities (nq, K) sorted descending, T) -> weights (nq, K).
 WEIGHTINGS: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {}
@@ -382,7 +382,7 @@ def _vote_subset(banks: list[_Bank], found: list[tuple], lab_all: np.ndarray,
     return preds, probas
 
 
-def _knn_sweep_data(data: EvalData, subsets: SubsetSpec, knn: KnnSpec, n_boot: int,
+def _knn_sweep_data(data: EvalData, subsets: SubsetsLike, knn: KnnSpec, n_boot: int,
                     progress: bool) -> EvalResult:
     """k-NN over subsets x k x labels of loaded (or streamed) evaluation data.
 
@@ -390,7 +390,7 @@ def _knn_sweep_data(data: EvalData, subsets: SubsetSpec, knn: KnnSpec, n_boot: i
     labelled rows, normally one), all k and all labels voted from it.
     """
     from credanno.eval.results import ConfigPredictions, build_result
-    from credanno.eval.subsets import draw_subsets, warn_subsets_missing_classes
+    from credanno.eval.subsets import resolve_subsets, warn_subsets_missing_classes
 
     labels = list(data.labels)
     lab_all = data.train_table[labels].to_numpy().astype(np.int64)  # (n_train, L)
@@ -399,7 +399,7 @@ def _knn_sweep_data(data: EvalData, subsets: SubsetSpec, knn: KnnSpec, n_boot: i
     if data.train_x is None and data._train_store is None:
         raise CredannoError("no training features given (train_x or a store)")
     train_n = None if streamed else l2_normalise(data.train_x)
-    drawn = draw_subsets(subsets, data.train_table)
+    drawn, subset_record = resolve_subsets(subsets, data.train_table, data.train_features)
     clamped: set[int] = set()
     banks = [_subset_banks(s, lab_all, labels, knn.ks[-1], clamped) for s in drawn]
     warn_subsets_missing_classes(drawn, lab_all, labels)
@@ -418,30 +418,31 @@ def _knn_sweep_data(data: EvalData, subsets: SubsetSpec, knn: KnnSpec, n_boot: i
         preds, probas = _vote_subset(subset_banks, subset_found, lab_all, labels, knn)
         configs += [ConfigPredictions("knn", k, subset.frac, subset.seed, len(subset.rows),
                                       preds[k], probas[k]) for k in knn.ks]
-    cfg = {"method": "knn", "ks": list(knn.ks), "seeds": list(subsets.seeds),
-           "mode": subsets.mode, "stratify": subsets.stratify, "T": knn.T,
+    cfg = {"method": "knn", "ks": list(knn.ks), **subset_record, "T": knn.T,
            "weighting": knn.weighting, "labels": labels, **data.record()}
     return build_result(configs, data.test_table, labels, n_boot=n_boot, config=cfg)
 
 
-def knn_sweep(store: StoreLike | EvalData = None, subsets: SubsetSpec | None = None,
+def knn_sweep(store: StoreLike | EvalData = None, subsets: SubsetsLike = None,
               knn: KnnSpec | None = None, *, labels: Sequence[str] | str | None = None,
-              test_store: StoreLike = None, n_boot: int = 1000,
+              test_store: StoreLike = None, where: str | None = None, n_boot: int = 1000,
               progress: bool = False) -> EvalResult:
     """k-NN evaluation of a feature store (default: the newest under ``stores/``).
 
     Train rows are the store's training split (or ``store``'s, with test rows from
     ``test_store``), test rows its test split; ``store`` may also be an :class:`EvalData`
-    (e.g. :meth:`EvalData.from_arrays`), whose labels are then used. ``subsets`` (default:
-    all labels, seed 0) says which training rows keep their labels, ``knn`` (default: k=20)
-    the classifier; ``knn.block_rows`` streams the training features in blocks.
+    (e.g. :meth:`EvalData.from_arrays`), whose labels are then used. ``subsets`` says which
+    training rows keep their labels: a :class:`SubsetSpec` (default: all labels, seed 0)
+    or explicit subsets, a list of training-row arrays (or :class:`Subset`); ``knn``
+    (default: k=20) the classifier; ``knn.block_rows`` streams the training features in
+    blocks. ``where`` (a pandas query over the per-image table, ``"diameter >= 10"``)
+    restricts the bank and the test rows alike; row arrays then number the rows it keeps.
     """
-    from credanno.eval.specs import KnnSpec, SubsetSpec
+    from credanno.eval.specs import KnnSpec
 
-    subsets = SubsetSpec() if subsets is None else subsets
     knn = KnnSpec() if knn is None else knn
     if isinstance(store, EvalData):
-        return _knn_sweep_data(store, subsets, knn, n_boot, progress)
+        return _knn_sweep_data(store.subpopulation(where), subsets, knn, n_boot, progress)
     with open_eval_data(store, knn.kind, labels, test_store=test_store,
-                        load_train=knn.block_rows is None) as data:
+                        load_train=knn.block_rows is None, where=where) as data:
         return _knn_sweep_data(data, subsets, knn, n_boot, progress)

@@ -44,8 +44,8 @@ from credanno.runtime import cpu_threads
 
 if TYPE_CHECKING:
     from credanno.eval.results import EvalResult
-    from credanno.eval.specs import ProbeSpec, SubsetSpec
-    from credanno.eval.subsets import Subset
+    from credanno.eval.specs import ProbeSpec
+    from credanno.eval.subsets import Subset, SubsetsLike
 
 #: The paper's probe recipe (section 3, "Training settings").
 PAPER_LR_FULL = 5e-4
@@ -582,20 +582,20 @@ def _probe_run(subset: Subset, probe: ProbeSpec) -> ProbeRun:
     return ProbeRun(subset.rows, lr, subset.seed)
 
 
-def _probe_sweep_data(data: EvalData, subsets: SubsetSpec, probe: ProbeSpec, n_boot: int,
+def _probe_sweep_data(data: EvalData, subsets: SubsetsLike, probe: ProbeSpec, n_boot: int,
                       progress: bool) -> EvalResult:
     """Joint probes for every labelled subset, trained as one batched model."""
     import torch
 
     from credanno.eval.results import ConfigPredictions, build_result
-    from credanno.eval.subsets import draw_subsets, warn_subsets_missing_classes
+    from credanno.eval.subsets import resolve_subsets, warn_subsets_missing_classes
 
     probe = replace(probe, batch_size=_clamp_batch(probe.batch_size, len(data.train_x)))
     labels = list(data.labels)
     layout = HeadLayout(labels, [label_spec(n).n_classes for n in labels],
                         labels.index("malignancy") if "malignancy" in labels else None)
     Y = data.train_table[labels].to_numpy().astype(np.int64)
-    drawn = draw_subsets(subsets, data.train_table)
+    drawn, subset_record = resolve_subsets(subsets, data.train_table, data.train_features)
     runs = [_probe_run(s, probe) for s in drawn]
     warn_subsets_missing_classes(drawn, Y, labels)
     heads = train_joint_heads(data.train_x, Y, layout, runs, probe, views=data.train_views,
@@ -611,8 +611,7 @@ def _probe_sweep_data(data: EvalData, subsets: SubsetSpec, probe: ProbeSpec, n_b
         configs.append(ConfigPredictions("probe", None, s.frac, s.seed, len(s.rows), pred,
                                          proba))
     views = 0 if data.train_views is None else int(data.train_views.shape[0])
-    cfg = {"method": "probe", "seeds": list(subsets.seeds), "mode": subsets.mode,
-           "stratify": subsets.stratify, "epochs": probe.epochs, "lr": probe.lr,
+    cfg = {"method": "probe", **subset_record, "epochs": probe.epochs, "lr": probe.lr,
            "lrs": [r.lr for r in runs], "batch_size": probe.batch_size,
            "momentum": probe.momentum, "select": probe.select, "val_frac": probe.val_frac,
            "standardize": probe.standardize, "views": views, "labels": labels,
@@ -620,24 +619,25 @@ def _probe_sweep_data(data: EvalData, subsets: SubsetSpec, probe: ProbeSpec, n_b
     return build_result(configs, data.test_table, labels, n_boot=n_boot, config=cfg)
 
 
-def probe_sweep(store: StoreLike | EvalData = None, subsets: SubsetSpec | None = None,
+def probe_sweep(store: StoreLike | EvalData = None, subsets: SubsetsLike = None,
                 probe: ProbeSpec | None = None, *, labels: Sequence[str] | str | None = None,
-                test_store: StoreLike = None, n_boot: int = 1000,
+                test_store: StoreLike = None, where: str | None = None, n_boot: int = 1000,
                 progress: bool = False) -> EvalResult:
     """Linear-probe evaluation of a feature store (default: the newest under ``stores/``).
 
     ``store`` may also be an :class:`EvalData` (e.g. :meth:`EvalData.from_arrays`), whose
-    labels and views are then used. ``subsets`` (default: all labels, seed 0) says which
-    training rows keep their labels; ``probe`` (default: the paper's recipe on ``last4``
-    features) how the heads are trained. Returns an
+    labels and views are then used. ``subsets`` says which training rows keep their labels:
+    a :class:`SubsetSpec` (default: all labels, seed 0) or a list of training-row arrays
+    (or :class:`Subset`); ``where`` (a pandas query over the per-image table) restricts
+    training and test rows; ``probe`` (default: the paper's recipe on ``last4`` features)
+    how the heads are trained. Returns an
     :class:`~credanno.eval.results.EvalResult`.
     """
-    from credanno.eval.specs import ProbeSpec, SubsetSpec
+    from credanno.eval.specs import ProbeSpec
 
-    subsets = SubsetSpec() if subsets is None else subsets
     probe = ProbeSpec() if probe is None else probe
     if isinstance(store, EvalData):
-        return _probe_sweep_data(store, subsets, probe, n_boot, progress)
+        return _probe_sweep_data(store.subpopulation(where), subsets, probe, n_boot, progress)
     with open_eval_data(store, probe.kind, labels, test_store=test_store,
-                        views=probe.views) as data:
+                        views=probe.views, where=where) as data:
         return _probe_sweep_data(data, subsets, probe, n_boot, progress)

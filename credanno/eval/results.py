@@ -70,13 +70,16 @@ class EvalResult:
         return [_jsonable(r) for r in df.to_dict(orient="records")]
 
     def to_json(self) -> str:
-        """``{"results": [...], "summary": [...]}`` as one JSON object."""
+        """``{"results": [...], "summary": [...], "config": {...}}`` as one JSON object
+        (``config``: what ran, e.g. the subset strategy, subset file and ``--where``)."""
         return json.dumps({"results": self.records("results"),
-                           "summary": self.records("summary")}, allow_nan=False)
+                           "summary": self.records("summary"),
+                           "config": _plain(self.config)}, allow_nan=False)
 
     def to_table(self) -> str:
-        """A readable table in percent: mean +/- sd over seeds, the constant baseline beside."""
-        return format_summary(self.summary)
+        """A readable table in percent: mean +/- sd over seeds, the constant baseline beside;
+        headed by the subset file and the ``--where`` sub-population when there are."""
+        return "\n".join([*describe_subsets(self.config), format_summary(self.summary)])
 
     def fig2_table(self) -> str:
         """The Fig. 2 distribution (probability of n attributes correct), in percent."""
@@ -99,6 +102,35 @@ class EvalResult:
         store, such as ``patient_id``, with spreadsheet formulas neutralised)."""
         return write_csv(self.predictions, path, option=option, index=False,
                          float_format="%.6g")
+
+
+def describe_subsets(config: dict[str, Any]) -> list[str]:
+    """One line each for the subset file (path, sha256) and the ``--where`` sub-population
+    (expression, row counts) a result records; none for the paper's random draws."""
+    lines = []
+    sf = config.get("subset_file")
+    if sf:
+        lines.append(f"subset file: {sf['path']} (sha256 {sf['sha256'][:12]})")
+    where = config.get("where")
+    if where:
+        lines.append(f"where {where['expr']}: {where['n_train']} of {where['n_train_total']} "
+                     f"training and {where['n_test']} of {where['n_test_total']} test images")
+    return lines
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as plain JSON types (numpy scalars and arrays, paths; NaN -> None)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def _jsonable(rec: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """What an evaluation runs, as small frozen specs: the CLI builds them, the library takes them.
 
-- :class:`SubsetSpec`: which training rows keep their labels (label fractions or counts,
-  drawn per annotation or per nodule, optionally stratified, over seeds);
+- :class:`SubsetSpec`: which training rows keep their labels (label fractions or counts
+  drawn by a strategy of :mod:`credanno.eval.strategies` over seeds, or a subset file);
 - :class:`KnnSpec`: the k-NN classifier (k, temperature, weighting, feature set, device);
 - :class:`ProbeSpec`: the trained linear predictors G_exp/G_cls (the paper's recipe).
 
@@ -35,13 +35,21 @@ def _set(spec, **fields) -> None:
 
 @dataclass(frozen=True)
 class SubsetSpec:
-    """The labelled subsets: every label fraction (or count) x every seed.
+    """The labelled subsets: every label fraction (or count) x every seed, or a file.
 
     ``fracs``: label fractions in (0, 1] of the training images; ``n_labels``: numbers of
-    labelled images instead (when given, ``fracs`` is not used); ``mode``: draw images one
-    by one (``"annotation"``, the paper) or whole nodules (``"nodule"``); ``stratify``: a
-    label name (``True`` = malignancy) whose classes share the budget; ``seeds``: one
-    subset per seed (seed s of a smaller fraction lies inside seed s of a larger one).
+    labelled images instead (when given, ``fracs`` is not used); ``strategy``: how they are
+    chosen, a name of :mod:`credanno.eval.strategies` (``random``, the paper's, ``nodule``,
+    ``stratified``, ...); ``mode``: draw images one by one (``"annotation"``) or whole
+    nodules (``"nodule"``); ``stratify``: a label name (``True`` = malignancy) whose classes
+    share the budget; ``seeds``: one subset per seed (for ``random`` and ``nodule``, seed s
+    of a smaller fraction lies inside seed s of a larger one). ``file``: a subset file
+    (:func:`credanno.eval.subsets.read_subset_file`) naming the labelled images instead;
+    its rows are then the subset of every seed.
+
+    ``mode="nodule"`` and ``stratify`` are the older spellings of the strategies: they are
+    folded in (``random`` + ``mode="nodule"`` is ``nodule``, ``random``/``nodule`` +
+    ``stratify`` is ``stratified``), so the three fields always agree once built.
     """
 
     fracs: tuple[float, ...] = (1.0,)
@@ -49,13 +57,12 @@ class SubsetSpec:
     mode: str = "annotation"
     stratify: str | None = None
     seeds: tuple[int, ...] = (0,)
+    strategy: str = "random"
+    file: str | None = None
 
     def __post_init__(self) -> None:
-        from credanno.eval.subsets import MODES, check_frac, stratify_column
+        from credanno.eval.subsets import check_frac
 
-        if self.mode not in MODES:
-            raise CredannoError(f"unknown subset mode {self.mode!r}; choose one of "
-                                f"{', '.join(MODES)}")
         n_labels = None
         if self.n_labels is not None:
             n_labels = tuple(checks.count(n, "--n-labels") for n in _tuple(self.n_labels))
@@ -64,14 +71,63 @@ class SubsetSpec:
         fracs = tuple(check_frac(f) for f in _tuple(self.fracs))
         if n_labels is None and not fracs:
             raise CredannoError("no label fraction given; pass e.g. --frac 0.01,0.1,1")
-        _set(self, fracs=fracs, n_labels=n_labels, stratify=stratify_column(self.stratify),
-             seeds=tuple(checks.seeds(_tuple(self.seeds))))
+        strategy, mode, stratify = _strategy(self.strategy, self.mode, self.stratify)
+        _set(self, fracs=fracs, n_labels=n_labels, strategy=strategy, mode=mode,
+             stratify=stratify, seeds=tuple(checks.seeds(_tuple(self.seeds))),
+             file=_subset_file(self.file, strategy, mode, n_labels))
 
     def sizes(self, n_train: int) -> list[tuple[float, float | None, int | None]]:
         """``(recorded fraction, fraction, count)`` per setting, for ``n_train`` images."""
         if self.n_labels is not None:
             return [(n / n_train, None, n) for n in self.n_labels]
         return [(f, f, None) for f in self.fracs]
+
+    def record(self) -> dict:
+        """What a result records about its subsets (the file's sha256 is added when read)."""
+        return {"strategy": self.strategy, "seeds": list(self.seeds), "mode": self.mode,
+                "stratify": self.stratify}
+
+
+def _strategy(strategy: str, mode: str, stratify) -> tuple[str, str, str | None]:
+    """The canonical (strategy, mode, stratify): the older ``mode``/``stratify`` spellings
+    folded into the strategy, and checked against what the strategy supports."""
+    from credanno.eval.strategies import MODES, get_strategy
+    from credanno.eval.subsets import stratify_column
+
+    if mode not in MODES:
+        raise CredannoError(f"unknown subset mode {mode!r}; choose one of {', '.join(MODES)}")
+    stratify = stratify_column(stratify)
+    if strategy == "nodule":
+        mode = "nodule"
+    if stratify is not None and strategy in ("random", "nodule"):
+        strategy = "stratified"
+    if strategy == "random" and mode == "nodule":
+        strategy = "nodule"
+    found = get_strategy(str(strategy))
+    if found.name == "stratified" and stratify is None:
+        stratify = "malignancy"
+    if mode not in found.modes:
+        raise CredannoError(f"subset strategy {found.name!r} draws per "
+                            f"{' or '.join(found.modes)}, not per {mode}; drop --subset {mode}")
+    if stratify is not None and not found.reads_labels:
+        raise CredannoError(f"subset strategy {found.name!r} does not read labels, so it "
+                            "cannot be stratified; drop --stratify")
+    return found.name, mode, stratify
+
+
+def _subset_file(file, strategy: str, mode: str, n_labels) -> str | None:
+    """The subset file's path, checked to exist and not to be combined with a draw."""
+    if file is None:
+        return None
+    from pathlib import Path
+
+    if strategy != "random" or mode != "annotation" or n_labels is not None:
+        raise CredannoError("--subset-file names the labelled images itself; drop "
+                            "--strategy, --subset, --stratify and --n-labels")
+    if not Path(file).is_file():
+        raise CredannoError(f"--subset-file {file} not found; pass a CSV with an "
+                            "annotation_id or nodule_id column, or one id per line")
+    return str(file)
 
 
 @dataclass(frozen=True)
