@@ -14,7 +14,7 @@ from credanno import checks
 from credanno.errors import CredannoError
 
 if TYPE_CHECKING:
-    from credanno.eval.specs import SubsetSpec
+    pass
 
 
 def _items(text: str) -> list[str]:
@@ -89,17 +89,6 @@ def parse_labels(text: str | None) -> list[str] | None:
     if not names:
         raise CredannoError("--labels is empty; pass e.g. --labels malignancy,texture")
     return names
-
-
-def subset_spec(fracs: list[float], n_labels: int | None, mode: str, stratify: bool,
-                seeds: list[int]) -> SubsetSpec:
-    """The :class:`SubsetSpec` of the shared subset options (``--n-labels`` replaces
-    ``--frac``; ``--stratify`` stratifies by malignancy)."""
-    from credanno.eval.specs import SubsetSpec
-
-    return SubsetSpec(fracs=fracs if n_labels is None else (),
-                      n_labels=None if n_labels is None else (n_labels,), mode=mode,
-                      stratify="malignancy" if stratify else None, seeds=seeds)
 
 
 def emit(result, as_json: bool, csv: Path | None, predictions: Path | None) -> str:
