@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "probe": ("credanno.commands.probe", "probe",
               "Train the paper's linear predictors (G_exp, G_cls) on stored features."),
     "tsne": ("credanno.commands.tsne", "tsne", "t-SNE picture of a store's features."),
+    "explore": ("credanno.commands.explore", "explore",
+                "One offline HTML page to explore a store's learned space, nodule by nodule."),
     "bench": ("credanno.commands.bench", "bench", "Reproduce the paper's tables and figures."),
     "demo": ("credanno.commands.demo", "demo", "The whole pipeline on the embedded default."),
 }
