@@ -36,6 +36,9 @@ def test_demo_end_to_end_tiny(tmp_path, tiny_patch_file):
     assert "| HSCNN |" in report and "majority baseline" in report
     assert "The pretrained teacher beats same architecture, random weights in " in report
     assert (tmp_path / "demo" / "tables" / "table1_teacher.csv").exists()
+    page = (tmp_path / "demo" / "report.html").read_text()  # the same, offline, + explorer
+    assert page.count('src="data:image/png;base64,') == 4 and "figure missing" not in page
+    assert '<iframe id="explorer"' in page and "credannoExplorer" in page
 
     # a second call reuses the finished run and the stores
     mtime = res.stores["teacher"].stat().st_mtime_ns

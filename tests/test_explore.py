@@ -295,3 +295,26 @@ def test_colour_selector_and_filters(browser, page, store):
     browser.find_element("css selector", "#legend input").click()  # hide "benign"
     benign = int((test["malignancy"] == 0).sum())
     assert _js(browser, "return credannoExplorer.pointCount()") == page.n_points - benign
+
+
+# ---------------------------------------------------------------- the demo's report.html
+
+
+def test_report_markdown_becomes_html(tmp_path):
+    from credanno.demo.report_html import markdown_html, report_html
+    from credanno.outputs import md_code, md_text
+
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "a.png").write_bytes(b"\x89PNG fake")
+    md = (f"# Title\n\n> **{md_text('PHANTOM <data>')}.** quoted\n\nPatch {md_code('a`<b>.h5')} "
+          f"of {md_text('</script>*x*_|')}\nsecond line\n\n| a | b |\n|---|---:|\n"
+          "| 1 | 2.50 |\n\n- one\n- two\n\n![fig](figures/a.png)\n\n![gone](figures/b.png)\n")
+    body = markdown_html(md)
+    assert "<h1>Title</h1>" in body
+    assert "<blockquote><p><strong>PHANTOM &lt;data&gt;.</strong> quoted</p></blockquote>" in body
+    assert "<code>a`&lt;b&gt;.h5</code>" in body and "</script>" not in body
+    assert "&lt;/script&gt;*x*_|" in body and "second line</p>" in body  # escapes kept literal
+    assert '<td style="text-align:right">2.50</td>' in body and "<li>two</li>" in body
+    page = report_html(md, tmp_path, explorer='<p title="x">&amp;</p>')
+    assert 'src="data:image/png;base64,iVBOR' in page and "[figure missing: gone]" in page
+    assert 'srcdoc="&lt;p title=&quot;x&quot;&gt;&amp;amp;&lt;/p&gt;"' in page

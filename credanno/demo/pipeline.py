@@ -264,7 +264,7 @@ def _fig4(d: _Demo) -> None:
 
 
 def _report(d: _Demo, runner: StageRunner) -> None:
-    """The Table 1 CSVs and ``report.md``."""
+    """The Table 1 CSVs, ``report.md`` and ``report.html``."""
     for name, res in d.t1.items():
         res.to_csv(d.path("tables", f"table1_{name}.csv"), option="--out")
     text = report_text(ReportInputs(
@@ -273,3 +273,16 @@ def _report(d: _Demo, runner: StageRunner) -> None:
         reused=runner.reused, notes=runner.warnings))
     with atomic_path(d.path("report.md"), option="--out") as tmp:
         tmp.write_text(text, encoding="utf-8")
+    _report_html(d, text)
+
+
+def _report_html(d: _Demo, text: str) -> None:
+    """``report.html``: the same report, figures inlined, with the teacher's explorer (its
+    t-SNE map is the one the tsne stage cached, so this takes seconds)."""
+    from credanno.demo.report_html import report_html
+    from credanno.viz.explorer import explorer_page
+
+    page = explorer_page(d.stores["teacher"], split="test", perplexity=d.spec.perplexity,
+                         cache_root=d.path("cache"))
+    with atomic_path(d.path("report.html"), option="--out") as tmp:
+        tmp.write_text(report_html(text, d.out, page.html), encoding="utf-8")
