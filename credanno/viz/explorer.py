@@ -198,11 +198,13 @@ def _read_thumbnails(provenance: dict[str, Any], store: Path,
 
     recorded = _maybe_json(provenance.get("patch_file"))
     recorded = recorded if isinstance(recorded, dict) else {}
-    named = one_line(recorded.get("path") or "?")
     path = patch_file_of(provenance, store)
+    if path is None and not recorded.get("path"):
+        return None, ("the store's provenance names no patch file; the page has no "
+                      "thumbnails (stores made by `credanno embed` name theirs)")
     if path is None:
-        return None, (f"patch file {named} not found; the page has no thumbnails (put it "
-                      "back where `credanno embed` read it to see the patches)")
+        return None, (f"patch file {one_line(recorded['path'])} not found; the page has no "
+                      "thumbnails (put it back where `credanno embed` read it to see them)")
     sha = recorded.get("sha256")
     if sha and file_sha256(path) != sha:
         return None, (f"patch file {one_line(path)} has changed since the store was embedded "
