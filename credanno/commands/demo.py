@@ -34,5 +34,6 @@ def demo(out: Path, seeds: list[int], device: str | None, preset: str | None, da
                     pretrain_overrides=None if epochs is None else {"epochs": epochs})
     res = run_demo(out, spec, progress=progress,
                    on_stage=lambda line: click.echo(line, err=True))
-    click.echo(f"wrote {res.report} (figures in {res.out / 'figures'}) in "
+    click.echo(f"wrote {res.report} and {res.report_html.name} (figures in "
+               f"{res.out / 'figures'}) in "
                f"{time.perf_counter() - t0:.0f} s")

@@ -83,6 +83,11 @@ class DemoResult:
     warnings: list[str] = field(default_factory=list)
 
     @property
+    def report_html(self) -> Path:
+        """The same report as one offline HTML file, with the teacher's explorer."""
+        return self.report.with_suffix(".html")
+
+    @property
     def wall_s(self) -> float:
         return float(sum(self.timings.values()))
 
