@@ -32,8 +32,8 @@ TINY = {"model_kwargs": {"depth": 1, "embed_dim": 32, "num_heads": 2}, "out_dim"
 
 @pytest.fixture(scope="module")
 def patch_file(tmp_path_factory):
-    """About 20 training images (5 steps per epoch at batch 4) and some test images."""
-    table = synthetic_table(n_nodules=10, per_nodule=3, seed=2)
+    """At least 12 training images (3+ steps per epoch at batch 4) and some test images."""
+    table = synthetic_table(n_nodules=12, per_nodule=3, seed=2)
     path = tmp_path_factory.mktemp("data") / "patches.h5"
     write_patch_file(path, synthetic_images(table), table, {"source": "synthetic"})
     return path
@@ -53,11 +53,11 @@ def _weights(run):
 # -- --max-steps ---------------------------------------------------------------------------
 def test_max_steps_mid_epoch_writes_a_probe_that_a_later_run_starts_over(patch_file, tmp_path):
     run = tmp_path / "run"
-    probe = pretrain(_tiny(patch_file, run, max_steps=3))
+    probe = pretrain(_tiny(patch_file, run, max_steps=2))
     steps = Trainer(_tiny(patch_file, tmp_path / "x"), DistEnv()).steps_per_epoch
-    assert steps > 3 and probe.metrics == [] and probe.partial["steps"] == 3
+    assert steps > 2 and probe.metrics == [] and probe.partial["steps"] == 2
     state = read_checkpoint(run)
-    assert (state["epoch"], state["steps"], state["partial_epoch"]["steps"]) == (0, 3, 3)
+    assert (state["epoch"], state["steps"], state["partial_epoch"]["steps"]) == (0, 2, 2)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["partial"] and rows[0]["epoch"] == 1
     # a later run without --max-steps starts over (warned) and ends as an uninterrupted run
@@ -118,9 +118,11 @@ def test_paper_preset_two_steps_on_cpu_then_embed_384d(patch_file, tmp_path, cap
     main(["embed", "--checkpoint", str(run), "--data", str(patch_file), "--out", str(store),
           "--device", "cpu", "--batch-size", "16", "--quiet"])
     with stores.open(store) as s:
-        assert s.feature_sets["cls"] == 384 and s.dim == 384
-        assert s.feature_sets.get("last4", 1536) == 1536
-        assert torch.isfinite(torch.from_numpy(s.features(None, "cls"))).all()
+        cls = s.features(None, "cls")
+        assert s.dim == 384 and cls.shape == (s.n, 384) and torch.isfinite(
+            torch.from_numpy(cls)).all()
+        if "last4" in s.feature_sets:
+            assert s.features(None, "last4").shape == (s.n, 1536)
 
 
 def _dino_vit_s16(path):
