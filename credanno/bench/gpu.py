@@ -69,8 +69,8 @@ DRY = Sizes(overrides={"model_kwargs": {"depth": 1, "embed_dim": 64, "num_heads"
                        "img_size": 64, "global_size": 64, "local_size": 32, "out_dim": 256,
                        "head_hidden_dim": 64, "head_bottleneck_dim": 32, "eval_resize": 64,
                        "eval_crop": 64, "batch_size": 8},
-            n_train=64, warmup=1, steps=2, compile_backend="aot_eager", embed_images=8,
-            embed_batch=8, knn=(4096, 256, 384, 250), probe=(256, 64, 5), ddp_ranks=2)
+            n_train=64, warmup=1, steps=2, compile_backend="aot_eager", embed_images=4,
+            embed_batch=4, knn=(4096, 256, 384, 250), probe=(256, 64, 5), ddp_ranks=2)
 
 
 def _row(rid: str, metric: str, value: float | None, reference: float | None = None,
