@@ -305,7 +305,14 @@ def probe_rows(device: str, sizes: Sizes) -> list[dict[str, Any]]:
 # -- DDP -----------------------------------------------------------------------------------
 def ddp_rows(device: str, sizes: Sizes, folder: Path) -> list[dict[str, Any]]:
     """Paper-preset training images/s over every visible GPU (torchrun subprocess)."""
-    ranks = sizes.ddp_ranks or (runtime._gpu_count() if device.startswith("cuda") else 1)
+    if sizes.ddp_ranks is not None:
+        ranks = sizes.ddp_ranks
+    elif device.startswith("cuda"):
+        import torch
+
+        ranks = torch.cuda.device_count()   # the device was resolved by runtime already
+    else:
+        ranks = 1
     metric = f"DDP pretrain images/s over {ranks} ranks ({device}; ref: one rank, eager)"
     if ranks < 2:
         return [_row("ddp", metric, None, ok=None,
