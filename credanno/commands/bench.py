@@ -184,3 +184,31 @@ def perf(quick: bool, bench_dir: Path | None, only: tuple[str, ...],
     click.echo("\nData: each benchmark builds its own synthetic arrays or stores (see its script).")
     if csv_path:
         click.echo(f"\nwrote {write_csv(df, csv_path, option='--csv', index=False)}")
+
+
+@bench.command("gpu", short_help="The paper's GPU path: pretraining, embedding, k-NN, probes.")
+@click.option("--dry-run", is_flag=True,
+              help="The same code at toy sizes on the CPU (under 2 minutes; CI runs it).")
+@device_option("GPU to measure: cuda or cuda:N (default: cuda when torch sees a GPU).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the rows (and the machine) as JSON.")
+def gpu(dry_run: bool, device: str | None, out: Path | None) -> None:
+    """Measure the paper-scale GPU path in one go (about 8 minutes on one GPU): paper-preset
+    pretraining images/s (bf16, eager and torch.compile), peak memory, the projected
+    300-epoch time; ViT-S/16 embedding images/s; faiss-gpu k-NN against the matmul floor;
+    the probes on the GPU; DDP over every visible GPU when there is more than one.
+    Installs nothing: without faiss GPU support the k-NN row is skipped with the reason."""
+    from credanno.bench.gpu import bench_device, gpu_markdown, run_gpu_bench
+    from credanno.bench.perf import machine_description
+    from credanno.outputs import write_json
+
+    where = bench_device(dry_run, device)   # no GPU and no --dry-run: one line, before work
+    machine = machine_description()
+    click.echo(f"Machine: {machine}", err=True)
+    rows = run_gpu_bench(dry_run=dry_run, device=where,
+                         on_row=lambda r: click.echo(f"  {r['metric']}: {r['value']}", err=True))
+    click.echo(f"Machine: {machine}{' (dry run: toy sizes on the CPU)' if dry_run else ''}\n")
+    click.echo(gpu_markdown(rows))
+    if out:
+        report = {"machine": machine, "dry_run": dry_run, "device": where, "rows": rows}
+        click.echo(f"\nwrote {write_json(report, out, option='--out')}")

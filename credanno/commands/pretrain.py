@@ -33,9 +33,12 @@ from credanno.commands._types import RegistryChoice
               help="k-NN malignancy accuracy on a training hold-out every N epochs.")
 @click.option("--amp", type=click.Choice(["auto", "bf16", "fp16", "none"]), default=None)
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the ViTs.")
+@click.option("--max-steps", type=int, default=None,
+              help="Stop after N optimiser steps (a smoke test or throughput probe; a stop "
+                   "mid-epoch is not resumable). 0: no limit.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def pretrain(preset, config_file, data, epochs, batch_size, arch, lr, local_crops, out, seed,
-             device, init, monitor_every, amp, compile_, progress) -> None:
+             device, init, monitor_every, amp, compile_, max_steps, progress) -> None:
     """Self-supervised DINO pretraining of a ViT encoder on the nodule patches.
 
     Writes runs/NAME/checkpoint.pt (every epoch), metrics.jsonl, config.json and loss.png.
@@ -47,7 +50,7 @@ def pretrain(preset, config_file, data, epochs, batch_size, arch, lr, local_crop
     overrides = {"data": data, "epochs": epochs, "batch_size": batch_size, "arch": arch,
                  "lr": lr, "local_crops": local_crops, "out": out, "seed": seed,
                  "device": device, "init": init, "monitor_every": monitor_every, "amp": amp,
-                 "compile": compile_}
+                 "compile": compile_, "max_steps": max_steps}
     cfg = load_config(preset=preset, file=config_file,
                       overrides={k: v for k, v in overrides.items() if v is not None})
     result = run_pretrain(cfg, progress=progress)
@@ -59,8 +62,19 @@ def pretrain(preset, config_file, data, epochs, batch_size, arch, lr, local_crop
         click.echo(f"{result.run_dir}: already trained for {cfg.epochs} epochs; nothing to do")
     elif result.resumed_from:
         click.echo(f"resumed {result.run_dir} from epoch {result.resumed_from}")
+    _report(cfg, result)
+
+
+def _report(cfg, result) -> None:
+    """The run's summary: losses and speed of its epochs (or of a --max-steps probe)."""
     m = result.metrics
-    if m:
+    if result.partial is not None:
+        p = result.partial
+        click.echo(f"preset {cfg.preset}: {cfg.arch} {cfg.global_size}/{cfg.local_size} px, "
+                   f"stopped by --max-steps {p['steps']} steps into epoch {p['epoch']}, "
+                   f"loss {p['loss']:.3f}, {p['images_per_s']:.1f} images/s (a probe: a "
+                   "later run on this folder starts over)")
+    elif m:
         first, last = m[0], m[-1]
         click.echo(f"preset {cfg.preset}: {cfg.arch} {cfg.global_size}/{cfg.local_size} px, "
                    f"{last['epoch']} epochs, loss {first['loss']:.3f} -> {last['loss']:.3f}, "

@@ -49,6 +49,7 @@ class PretrainConfig:
     monitor_k: int = 20
     amp: str = "auto"                  # auto | bf16 | fp16 | none
     compile: bool = False              # torch.compile the student and teacher
+    max_steps: int = 0                 # stop after this many optimiser steps (0 = no limit)
     # [model]
     arch: str = "vit_small_patch16_224"
     img_size: int = 224
@@ -126,7 +127,7 @@ _POSITIVE_INTS = ("epochs", "img_size", "patch_size", "head_hidden_dim", "head_b
                   "head_layers", "eval_resize", "eval_crop", "global_size", "local_size",
                   "monitor_k")
 _NON_NEGATIVE_INTS = ("seed", "local_crops", "monitor_every", "warmup_epochs",
-                      "freeze_last_layer", "warmup_teacher_temp_epochs")
+                      "freeze_last_layer", "warmup_teacher_temp_epochs", "max_steps")
 #: float fields -> (low, high, low inclusive, high inclusive); None = unbounded
 _FLOAT_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "lr": (0.0, None, False, True), "min_lr": (0.0, None, True, True),
@@ -205,10 +206,11 @@ def _first_problem(cfg: PretrainConfig) -> tuple[str, str] | None:
 FIELDS = {f.name: f for f in dataclasses.fields(PretrainConfig)}
 
 #: Settings that may change when a run is resumed: where and how fast it runs, what it
-#: reports, and the start weights (a resumed run has its weights already). Every other
-#: field changes the result, so a resume with another value is refused.
+#: reports, the start weights (a resumed run has its weights already) and where this call
+#: stops (``max_steps``). Every other field changes the result, so a resume with another
+#: value is refused.
 RESUMABLE_CHANGES = frozenset({"out", "device", "monitor_every", "monitor_val_frac",
-                               "monitor_k", "compile", "amp", "init"})
+                               "monitor_k", "compile", "amp", "init", "max_steps"})
 #: Run facts saved in config.json beside the config fields (not settings).
 RUN_FACTS = ("data_sha256",)
 

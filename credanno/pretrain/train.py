@@ -7,6 +7,13 @@ student by EMA. Every epoch the checkpoint is rewritten atomically, so a killed 
 from its last finished epoch with the same result as an uninterrupted one: all randomness is
 a function of (seed, epoch, image index, rank), never of hidden generator state.
 
+``max_steps`` (``--max-steps N``) stops a call after N optimiser steps, for smoke tests and
+throughput probes. A stop on an epoch boundary is an ordinary checkpoint (resumable); a stop
+mid-epoch writes a *probe* checkpoint: ``epoch`` counts the finished epochs, ``steps`` the
+optimiser steps in its weights and ``partial_epoch`` holds the unfinished epoch's row. Its
+weights embed like any checkpoint's, but they cannot be continued bit-exactly (drop path
+draws once per epoch), so a later run on that folder starts over from epoch 0 (a warning).
+
 What else a run does each epoch (k-NN monitor, progress bar, metrics.jsonl and loss.png) are
 callbacks (:mod:`.callbacks`); the run folder's name and resume policy live in :mod:`.runs`.
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +34,7 @@ from torch import nn
 
 from credanno import runtime
 from credanno.augment.rng import derive_seed, epoch_permutation, forked_seed, sample_keys
-from credanno.errors import CredannoError
+from credanno.errors import CredannoError, CredannoWarning
 from credanno.pretrain.callbacks import Callback, ProgressBar
 from credanno.pretrain.checkpoint import (
     CHECKPOINT_NAME,
@@ -67,6 +75,7 @@ class RunResult:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int = 0          # epochs already done when this call started
     loss_curve: Path | None = None
+    partial: dict[str, Any] | None = None   # the unfinished epoch's row after a --max-steps stop
 
     @property
     def epochs_done(self) -> int:
@@ -147,13 +156,33 @@ class Trainer:
         self.run_dir = Path(runtime.broadcast_object(
             str(resolve_run_dir(cfg, self.data_sha256)), env))
         self.checkpoint = self.run_dir / CHECKPOINT_NAME
-        self.resuming = has_checkpoint(self.run_dir)
+        self.steps_left: int | None = cfg.max_steps or None   # optimiser steps this call may take
+        self._state: dict[str, Any] | None = None
+        self.resuming = has_checkpoint(self.run_dir) and self._continuable()
         self._build_models()
         self._build_optimizer()
         self._wrap_models()
         self._build_schedules()
 
     # -- construction -------------------------------------------------------------------
+    def _continuable(self) -> bool:
+        """Read the folder's checkpoint (same settings and data, or one line); False for a
+        --max-steps probe stopped mid-epoch, which cannot be continued bit-exactly."""
+        state = read_checkpoint(self.checkpoint, map_location=self.device)
+        check_resumable(self.cfg, state, self.checkpoint, self.data_sha256)
+        partial = state.get("partial_epoch")
+        if partial is None:
+            self._state = state
+            return True
+        steps = partial.get("steps") if isinstance(partial, dict) else None
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise bad_field(self.checkpoint, "partial_epoch", "is not a row with its steps")
+        warnings.warn(CredannoWarning(
+            f"{self.run_dir} holds a --max-steps probe stopped {steps} steps into epoch "
+            f"{partial.get('epoch')}; it cannot be continued bit-exactly, so training starts "
+            "over from epoch 0 (pass another --out to keep it)"), stacklevel=2)
+        return False
+
     def _load_data(self) -> None:
         from credanno.data.patchfile import file_sha256
 
@@ -245,12 +274,16 @@ class Trainer:
             cfg.epochs)
 
     # -- state ----------------------------------------------------------------------------
-    def state_dict(self, epoch: int, metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    def state_dict(self, epoch: int, metrics: list[dict[str, Any]],
+                   partial: dict[str, Any] | None = None) -> dict[str, Any]:
         # No generator state is saved: every draw (image order, crops, partner views, drop
         # path masks) is a function of (seed, epoch, image index, rank), so a resume from
         # epoch e draws what an uninterrupted run draws from e on (test: resume = full run).
+        # ``partial``: the row of an epoch a --max-steps stop left unfinished (a probe).
         return {
             "epoch": epoch,
+            "steps": epoch * self.steps_per_epoch + (partial["steps"] if partial else 0),
+            "partial_epoch": None if partial is None else dict(partial),
             # the rows travel with the weights, so a kill before metrics.jsonl loses none
             "metrics": [dict(m) for m in metrics],
             "data_sha256": self.data_sha256,
@@ -347,24 +380,29 @@ class Trainer:
         cfg, env = self.cfg, self.env
         order = epoch_permutation(cfg.seed, epoch, self.n)
         loss_sum = torch.zeros((), device=self.device)
+        n_steps = self.steps_per_epoch if self.steps_left is None else \
+            min(self.steps_per_epoch, self.steps_left)
         self._emit("on_epoch_start", epoch)
         start = time.perf_counter()
-        for step in range(self.steps_per_epoch):
+        for step in range(n_steps):
             batch = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             it = epoch * self.steps_per_epoch + step
             loss_sum += self.train_step(epoch, it, runtime.shard(batch, env))
             self._emit("on_step_end", epoch, step, loss_sum)
-        loss = runtime.all_reduce_mean(loss_sum / self.steps_per_epoch, env).item()
+        loss = runtime.all_reduce_mean(loss_sum / n_steps, env).item()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        last = (epoch + 1) * self.steps_per_epoch - 1
-        return {"epoch": epoch + 1, "loss": loss, "lr": float(self.lr_schedule[last]),
-                "wd": float(self.wd_schedule[last]),
-                "momentum": float(self.momentum_schedule[last]),
-                "teacher_temp": float(self.teacher_temp[epoch]),
-                "images_per_s": self.steps_per_epoch * cfg.batch_size / seconds,
-                "epoch_time_s": seconds}
+        last = epoch * self.steps_per_epoch + n_steps - 1
+        row = {"epoch": epoch + 1, "loss": loss, "lr": float(self.lr_schedule[last]),
+               "wd": float(self.wd_schedule[last]),
+               "momentum": float(self.momentum_schedule[last]),
+               "teacher_temp": float(self.teacher_temp[epoch]),
+               "images_per_s": n_steps * cfg.batch_size / seconds,
+               "epoch_time_s": seconds}
+        if n_steps < self.steps_per_epoch:  # a --max-steps stop inside the epoch
+            row.update(steps=n_steps, partial=True)
+        return row
 
     def run(self) -> RunResult:
         """Train the epochs not yet in the checkpoint (none if the run is finished)."""
@@ -374,7 +412,7 @@ class Trainer:
         if start_epoch >= self.cfg.epochs:
             result.loss_curve = existing(self.run_dir / LOSS_PLOT_NAME)
             return result
-        result.metrics = self._train(start_epoch, metrics)
+        result.metrics, result.partial = self._train(start_epoch, metrics)
         if self.env.is_main:
             result.loss_curve = existing(self.run_dir / LOSS_PLOT_NAME)
         runtime.barrier(self.env)
@@ -389,29 +427,36 @@ class Trainer:
                             {"data_sha256": self.data_sha256})
             return 0, []
         ckpt = self.checkpoint
-        state = read_checkpoint(ckpt, map_location=self.device)
-        check_resumable(self.cfg, state, ckpt, self.data_sha256)
+        state, self._state = self._state, None   # read and checked by _continuable
         start_epoch = self.load_state(state, ckpt)
         metrics = checkpoint_metrics(state, ckpt, self.run_dir / METRICS_NAME)
         if self.env.is_main:
             reconcile_outputs(self.run_dir, metrics, plot=start_epoch >= self.cfg.epochs)
         return start_epoch, metrics
 
-    def _train(self, start_epoch: int, metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Epochs ``start_epoch`` .. end, a checkpoint after each; callbacks around them."""
-        cfg, env = self.cfg, self.env
+    def _train(self, start_epoch: int, metrics: list[dict[str, Any]]
+               ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """Epochs ``start_epoch`` .. end (or until ``max_steps``), a checkpoint after each;
+        callbacks around them. Returns the finished epochs' rows and a partial epoch's row."""
+        cfg = self.cfg
+        partial = None
         try:
             self._emit("on_train_start", start_epoch)
             for epoch in range(start_epoch, cfg.epochs):
+                if self.steps_left == 0:
+                    break
                 row = self.run_epoch(epoch)
                 self._check_finite(row, epoch)
+                if self.steps_left is not None:
+                    self.steps_left -= row.get("steps", self.steps_per_epoch)
+                if row.get("partial"):   # the monitor and the epoch's row wait for its end
+                    partial = row
+                    self._save(epoch, metrics, partial)
+                    break
                 for callback in self.callbacks:
                     row.update(callback.on_epoch_end(self, epoch, row))
                 metrics.append(row)
-                if env.is_main:
-                    save_checkpoint(self.checkpoint, self.state_dict(epoch + 1, metrics))
-                self._emit("on_checkpoint", metrics)
-                runtime.barrier(env)
+                self._save(epoch + 1, metrics)
             self._emit("on_train_end", metrics)
         except torch.OutOfMemoryError:
             raise CredannoError(
@@ -420,7 +465,16 @@ class Trainer:
         finally:
             for callback in self.callbacks:
                 callback.close()
-        return metrics
+        return metrics, partial
+
+    def _save(self, epochs_done: int, metrics: list[dict[str, Any]],
+              partial: dict[str, Any] | None = None) -> None:
+        """Rank 0 writes the checkpoint; then the callbacks see its rows (metrics.jsonl holds
+        a partial epoch's row last, marked ``"partial": true``)."""
+        if self.env.is_main:
+            save_checkpoint(self.checkpoint, self.state_dict(epochs_done, metrics, partial))
+        self._emit("on_checkpoint", metrics if partial is None else [*metrics, partial])
+        runtime.barrier(self.env)
 
     def _check_finite(self, row: dict[str, Any], epoch: int) -> None:
         """A NaN/Inf loss stops the run before its checkpoint replaces the last good one."""
