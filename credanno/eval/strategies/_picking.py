@@ -12,6 +12,8 @@ few images, as the ``nodule`` strategy does). The order of picking is the rank.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from credanno.eval.strategies import Selection, SubsetContext
@@ -107,22 +109,56 @@ def faiss_gpu(device: str | None) -> int | None:
     return _gpu_index(faiss, device)
 
 
-def spherical_kmeans(x: np.ndarray, k: int, seed: int, device: str | None,
-                     niter: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """``(centres, assignment)`` of spherical k-means (unit centres, cosine assignment)
-    of the unit rows ``x`` into ``k`` clusters, FAISS's ``Kmeans`` seeded by ``seed``."""
+#: k-means iterations (FAISS's default is 25; 20 is converged on these budgets)
+KMEANS_ITERATIONS = 20
+#: training points k-means samples at most (FAISS samples beyond max_points_per_centroid
+#: x k anyway, 256 by default); every point is still assigned to its centre afterwards
+KMEANS_SAMPLE = 40_000
+
+
+class Clusters(NamedTuple):
+    """Spherical k-means of unit rows: unit ``centres`` (k, D), each row's centre
+    (``assign``), and each centre's nearest row (``nearest``) with its cosine (``sims``)."""
+
+    centres: np.ndarray
+    assign: np.ndarray
+    nearest: np.ndarray
+    sims: np.ndarray
+
+
+def spherical_kmeans(x: np.ndarray, k: int, seed: int, device: str | None) -> Clusters:
+    """Spherical k-means (unit centres, cosine assignment) of the unit rows ``x`` into
+    ``k`` clusters with FAISS's ``Kmeans`` seeded by ``seed`` (on a GPU when faiss has
+    one), then one pass over ``x`` for the assignment and each centre's nearest row."""
     import faiss
 
     gpu = faiss_gpu(device)
     # min_points_per_centroid=1: small training splits with large budgets are expected
     # here, and FAISS would otherwise print a warning to stderr
-    km = faiss.Kmeans(x.shape[1], int(k), niter=niter, seed=int(seed) % 2**31,
-                      spherical=True, min_points_per_centroid=1, verbose=False,
-                      gpu=False if gpu is None else 1)
+    km = faiss.Kmeans(x.shape[1], int(k), niter=KMEANS_ITERATIONS, seed=int(seed) % 2**31,
+                      spherical=True, min_points_per_centroid=1,
+                      max_points_per_centroid=max(1, -(-KMEANS_SAMPLE // int(k))),
+                      verbose=False, gpu=False if gpu is None else 1)
     km.train(x)
     centres = np.ascontiguousarray(km.centroids, dtype=np.float32)
-    _, assign = km.index.search(x, 1)
-    return centres, assign[:, 0].astype(np.int64)
+    return Clusters(centres, *assign_both_ways(x, centres))
+
+
+def assign_both_ways(x: np.ndarray, centres: np.ndarray, block: int = 8192
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(assign, nearest, sims)``: each row's most similar centre and each centre's most
+    similar row (ties to the lower index), from one blocked product ``x @ centres.T``."""
+    k = len(centres)
+    assign = np.empty(len(x), dtype=np.int64)
+    nearest, sims = np.zeros(k, dtype=np.int64), np.full(k, -np.inf, dtype=np.float32)
+    for a in range(0, len(x), block):
+        s = x[a:a + block] @ centres.T
+        assign[a:a + block] = np.argmax(s, axis=1)
+        top = np.argmax(s, axis=0)
+        best = s[top, np.arange(k)]
+        better = best > sims
+        nearest[better], sims[better] = top[better] + a, best[better]
+    return assign, nearest, sims
 
 
 def neighbours(bank: np.ndarray, queries: np.ndarray, k: int,
@@ -134,13 +170,12 @@ def neighbours(bank: np.ndarray, queries: np.ndarray, k: int,
     return knn_search(bank, queries, min(int(k), len(bank)), normalize=False, device=device)
 
 
-def nearest_available(x: np.ndarray, centre: np.ndarray, candidates: np.ndarray,
+def nearest_available(x: np.ndarray, centre: np.ndarray, nearest: int,
                       available: np.ndarray) -> tuple[int, float] | None:
-    """The available row nearest to ``centre`` (cosine): first among its precomputed
-    nearest ``candidates``, else by one scan of ``x``; None when no row is available."""
-    for row in candidates:
-        if available[row]:
-            return int(row), float(x[row] @ centre)
+    """The available row nearest to ``centre`` (cosine): its precomputed ``nearest`` row
+    when still available, else by one scan of ``x``; None when no row is available."""
+    if available[nearest]:
+        return int(nearest), float(x[nearest] @ centre)
     if not available.any():
         return None
     sims = x @ centre

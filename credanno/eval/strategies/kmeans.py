@@ -17,14 +17,9 @@ from credanno.eval.strategies import MODES, Selection, SubsetContext, register_s
 from credanno.eval.strategies._picking import (
     Picker,
     nearest_available,
-    neighbours,
     spherical_kmeans,
     unit_features,
 )
-
-#: candidates per centre searched at once; a centre whose candidates are all taken (by a
-#: labelled image, an earlier centre or a used nodule) falls back to one full scan
-CANDIDATES = 32
 
 
 def cluster_order(assign: np.ndarray, k: int, labelled: np.ndarray) -> np.ndarray:
@@ -42,12 +37,13 @@ def select(ctx: SubsetContext) -> Selection:
     x = unit_features(ctx)
     labelled = np.asarray(ctx.labelled, dtype=np.int64)
     k = min(len(x), ctx.budget + len(labelled))
-    centres, assign = spherical_kmeans(x, k, ctx.seed, ctx.device)
-    order = cluster_order(assign, k, labelled)
-    _, candidates = neighbours(x, centres, CANDIDATES, ctx.device)
+    cl = spherical_kmeans(x, k, ctx.seed, ctx.device)
+    order = cluster_order(cl.assign, k, labelled)
+    # a centre whose nearest image is taken (labelled, an earlier centre's, a used nodule)
+    # gets the nearest one still available
     while not picker.done:  # a second pass only where nodule rules left centres empty
         for c in order:
-            hit = None if picker.done else nearest_available(x, centres[c], candidates[c],
+            hit = None if picker.done else nearest_available(x, cl.centres[c], cl.nearest[c],
                                                              picker.available)
             if hit is None:
                 break

@@ -32,7 +32,7 @@ def choose_delta(x: np.ndarray, seed: int, device: str | None) -> float:
     """The largest cosine radius at which ``ALPHA`` of the balls hold one pseudo-class:
     a ball around ``i`` is pure while ``delta`` is below ``i``'s distance to the nearest
     image of another pseudo-class, so delta is that distance's ``1 - ALPHA`` quantile."""
-    _, pseudo = spherical_kmeans(x, min(PSEUDO_CLASSES, len(x)), seed, device)
+    pseudo = spherical_kmeans(x, min(PSEUDO_CLASSES, len(x)), seed, device).assign
     rng = np.random.default_rng(int(seed))
     rows = np.arange(len(x))
     if len(rows) > PURITY_SAMPLE:

@@ -43,7 +43,7 @@ def select(ctx: SubsetContext) -> Selection:
     x = unit_features(ctx)
     labelled = np.asarray(ctx.labelled, dtype=np.int64)
     k = min(len(x), ctx.budget + len(labelled))
-    _, assign = spherical_kmeans(x, k, ctx.seed, ctx.device)
+    assign = spherical_kmeans(x, k, ctx.seed, ctx.device).assign
     members = [np.flatnonzero(assign == c) for c in range(k)]
     size = np.array([len(m) for m in members])
     count = np.bincount(assign[labelled], minlength=k)
