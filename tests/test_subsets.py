@@ -77,8 +77,8 @@ def test_registry_lists_the_builtin_strategies_and_who_reads_labels():
     assert strategy_names()[:3] == ["random", "nodule", "stratified"]
     assert get_strategy("stratified").reads_labels
     assert not get_strategy("random").reads_labels and not get_strategy("nodule").reads_labels
-    with pytest.raises(CredannoError, match="unknown subset strategy 'kmeans'.*random"):
-        get_strategy("kmeans")
+    with pytest.raises(CredannoError, match="unknown subset strategy 'no-such-rule'.*random"):
+        get_strategy("no-such-rule")
 
 
 def _features(t):

@@ -118,8 +118,9 @@ def label_subset(table_train: pd.DataFrame, frac: float | None = None, n: int | 
 
     ``table_train`` must hold training rows only; a test row is an error.
     """
-    if mode not in MODES:
-        raise CredannoError(f"unknown subset mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode not in MODES[:2]:  # the built-in draws: images one by one or whole nodules
+        raise CredannoError(f"unknown subset mode {mode!r}; choose one of "
+                            f"{', '.join(MODES[:2])}")
     if "split" in table_train.columns and (table_train["split"].astype(str) == "test").any():
         raise CredannoError("label subsets are drawn from training rows only; "
                             "pass the table of the training split")

@@ -7,9 +7,13 @@ the budget (how many images to label) and the seed. A strategy that does not dec
 ``reads_labels=True`` is handed the table *without* its label columns (labels, median
 ratings, raw ratings), so a label-free rule cannot peek, by construction.
 
-Built in: ``random`` (images one by one, the paper's), ``nodule`` (whole nodules) and
-``stratified`` (the budget shared between the classes of a label; reads labels).
-:func:`credanno.eval.subsets.draw_subsets` is the one caller.
+Built in: ``random`` (images one by one, the paper's), ``nodule`` (whole nodules),
+``stratified`` (the budget shared between the classes of a label; reads labels) and the
+label-free selection rules of ``credanno select``: ``kmeans`` (cRedAnno+'s sparse
+seeding), ``typiclust``, ``probcover`` and ``coreset``. A strategy may *complement* images
+already labelled (``ctx.labelled``): the budget then counts new picks only.
+:func:`credanno.eval.subsets.draw_subsets` and :func:`credanno.eval.selection.select` call
+them.
 """
 
 from __future__ import annotations
@@ -27,17 +31,21 @@ from credanno.table import RATING_COLUMNS, RAW_COLUMNS
 
 #: the table columns that carry labels; hidden from strategies that do not read labels
 LABEL_COLUMNS: tuple[str, ...] = (*LABEL_NAMES, *RATING_COLUMNS, *RAW_COLUMNS)
-MODES: tuple[str, ...] = ("annotation", "nodule")
+#: draw units: images one by one, whole nodules (the last may overshoot the budget), or
+#: images with at most one per nodule
+MODES: tuple[str, ...] = ("annotation", "nodule", "one-per-nodule")
 
 Features = np.ndarray | Callable[[], np.ndarray] | None
 
 
 class Selection(NamedTuple):
-    """What a strategy picked: training-row positions and, where it drew whole groups
-    (nodules), each row's group (so a validation part can be carved from whole groups)."""
+    """What a strategy picked: training-row positions (in the order picked) and, where it
+    drew whole groups (nodules), each row's group (so a validation part can be carved from
+    whole groups); ``scores`` is the strategy's own score of each pick, where it has one."""
 
     rows: np.ndarray
     groups: np.ndarray | None = None
+    scores: np.ndarray | None = None
 
 
 class _LazyFeatures:
@@ -65,7 +73,9 @@ class SubsetContext:
     ``seed``: the draw's seed; ``frac``/``n``: the label fraction or count asked for (one
     is None); ``mode``: ``"annotation"`` or ``"nodule"``; ``stratify``: the label whose
     classes share the budget (stratified only). ``features`` reads the training features
-    (rows in table order) on first use.
+    (rows in table order) on first use. ``labelled``: training rows already labelled, which
+    a strategy complements (never picks again; the budget counts new picks only);
+    ``device``: where FAISS runs (None: a GPU when faiss has one).
     """
 
     table: pd.DataFrame
@@ -76,6 +86,8 @@ class SubsetContext:
     mode: str = "annotation"
     stratify: str | None = None
     _features: _LazyFeatures = field(default_factory=lambda: _LazyFeatures(None), repr=False)
+    labelled: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    device: str | None = None
 
     @property
     def features(self) -> np.ndarray:
@@ -149,10 +161,15 @@ def check_selection(picked: np.ndarray | Selection, n_rows: int, name: str) -> S
         raise CredannoError(f"subset strategy {name!r} returned rows outside 0..{n_rows - 1}")
     uniq, first = np.unique(rows, return_index=True)
     groups = None if sel.groups is None else np.asarray(sel.groups)[first]
-    return Selection(uniq.astype(np.int64), groups)
+    scores = None if sel.scores is None else np.asarray(sel.scores)[first]
+    return Selection(uniq.astype(np.int64), groups, scores)
 
 
 # the built-in strategies register themselves on import, in this order (the CLI lists them)
 import credanno.eval.strategies.random  # noqa: E402, F401, I001
 import credanno.eval.strategies.nodule  # noqa: E402, F401
 import credanno.eval.strategies.stratified  # noqa: E402, F401
+import credanno.eval.strategies.kmeans  # noqa: E402, F401
+import credanno.eval.strategies.typiclust  # noqa: E402, F401
+import credanno.eval.strategies.probcover  # noqa: E402, F401
+import credanno.eval.strategies.coreset  # noqa: E402, F401

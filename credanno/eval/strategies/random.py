@@ -1,15 +1,16 @@
 """``random``: the paper's draw, images one by one in one random order per seed (so the
-subsets of one seed are nested: 1% lies inside 10%)."""
+subsets of one seed are nested: 1% lies inside 10%). Complementing a labelled set skips
+its images in the same order; ``one-per-nodule`` skips images of nodules already used."""
 
 from __future__ import annotations
 
-import numpy as np
+from credanno.eval.strategies import Selection, SubsetContext, register_strategy
+from credanno.eval.strategies._picking import Picker
 
-from credanno.eval.strategies import SubsetContext, register_strategy
 
-
-@register_strategy("random")
-def select(ctx: SubsetContext) -> np.ndarray:
-    from credanno.eval.subsets import label_subset
-
-    return label_subset(ctx.table, n=ctx.budget, mode="annotation", seed=ctx.seed)
+@register_strategy("random", modes=("annotation", "one-per-nodule"))
+def select(ctx: SubsetContext) -> Selection:
+    # the first `budget` rows of rng.permutation(n): label_subset's draw, row for row
+    picker = Picker(ctx)
+    picker.take_in_order(ctx.rng.permutation(len(ctx.table)))
+    return picker.selection()
