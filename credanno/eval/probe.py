@@ -264,7 +264,7 @@ def _train_tuned(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[Pr
     n = len(X)
     Y = np.asarray(Y, dtype=np.int64).reshape(n, -1)
     f = _features(X, None, spec.standardize, dev)
-    fits = []
+    fits, done = [], {}
     it = runs
     if progress:
         from tqdm import tqdm
@@ -275,10 +275,13 @@ def _train_tuned(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[Pr
             raise CredannoError("a configuration has no labelled training rows; use a larger "
                                 "--frac")
         Xc = f.X[torch.as_tensor(rows, device=dev)]
-        Xc = Xc.double() if Xc.numel() <= 4_000_000 and dev.type == "cpu" else Xc
+        # float64 where it is cheap (small subsets): L-BFGS then converges tightly
+        Xc = Xc.double() if Xc.numel() <= 1_000_000 and dev.type == "cpu" else Xc
         groups = None if r.groups is None else np.asarray(r.groups)
-        fits.append(fit_tuned_config(Xc, Y[rows], layout, groups, int(r.seed), spec.Cs,
-                                     spec.cv_folds))
+        key = (rows.tobytes(), None if groups is None else groups.tobytes())
+        if key not in done:  # identical rows (e.g. all labels, every seed): one fit
+            done[key] = fit_tuned_config(Xc, Y[rows], layout, groups, spec.Cs, spec.cv_folds)
+        fits.append(done[key])
     return _stack_tuned(fits, layout, f, dev)
 
 
