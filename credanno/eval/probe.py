@@ -601,7 +601,7 @@ def _probe_sweep_data(data: EvalData, subsets: SubsetSpec, probe: ProbeSpec, n_b
     configs = []
     for c, s in enumerate(drawn):
         proba = {name: probs[j][c] for j, name in enumerate(labels)}
-        pred = {name: p.argmax(axis=1) for name, p in proba.items()}
+        pred = _decisions(proba, heads, c, probe.recipe)
         configs.append(ConfigPredictions("probe", None, s.frac, s.seed, len(s.rows), pred,
                                          proba))
     views = 0 if data.train_views is None else int(data.train_views.shape[0])
@@ -610,6 +610,21 @@ def _probe_sweep_data(data: EvalData, subsets: SubsetSpec, probe: ProbeSpec, n_b
            "standardize": probe.standardize, "views": views if probe.recipe == "paper" else 0,
            "labels": labels, **data.record()}
     return build_result(configs, data.test_table, labels, n_boot=n_boot, config=cfg)
+
+
+def _decisions(proba: dict[str, np.ndarray], heads: JointHeads, c: int,
+               recipe: str) -> dict[str, np.ndarray]:
+    """Predicted classes of configuration ``c``: the most probable class (paper recipe),
+    or the tuned recipe's decision for the paper's metric among the classes its labelled
+    subset holds (:func:`credanno.eval.tuned.decide`)."""
+    if recipe == "paper":
+        return {name: p.argmax(axis=1) for name, p in proba.items()}
+    from credanno.eval.tuned import decide
+
+    mask = heads.mask[c].cpu().numpy()
+    return {name: decide(p, label_spec(name).tolerance,
+                         mask[heads.layout.columns(heads.layout.names.index(name))] == 0)
+            for name, p in proba.items()}
 
 
 def _recipe_record(probe: ProbeSpec, runs: list[ProbeRun]) -> dict:
