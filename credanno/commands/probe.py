@@ -6,7 +6,7 @@ import click
 
 from credanno.commands._eval_options import output_options, store_options, subset_options
 from credanno.commands._types import DEVICE, POSITIVE, FiniteFloat
-from credanno.eval.probe import MAX_LR
+from credanno.eval.probe import MAX_LR, PROBE_RECIPES
 
 
 @click.command("probe")
@@ -14,6 +14,11 @@ from credanno.eval.probe import MAX_LR
 @subset_options
 @click.option("--seeds", default="0-4", show_default=True,
               help="Seeds (subset, initialisation, batches): a range 0-4, a list or a count.")
+@click.option("--recipe", type=click.Choice(list(PROBE_RECIPES)), default="tuned",
+              show_default=True,
+              help="tuned: fitted to convergence, penalty cross-validated inside the labelled "
+                   "subset, never worse than a constant; paper: the paper's SGD recipe "
+                   "(--epochs, --lr, --batch-size, --select apply to it).")
 @click.option("--epochs", type=POSITIVE, default=100, show_default=True)
 @click.option("--lr", type=FiniteFloat(0, MAX_LR, example="5e-4"), default=None,
               help="Initial learning rate (default: the paper's 5e-4 with all labels, "
@@ -39,8 +44,8 @@ from credanno.eval.probe import MAX_LR
 @click.option("--views/--no-views", default=True, show_default=True,
               help="Train on the store's augmented views when it has them.")
 @output_options
-def probe(store, train_store, test_store, fracs, n_labels, subset, stratify, seeds, epochs,
-          lr, batch_size, kind, labels, device, select, val_frac, standardize, views,
+def probe(store, train_store, test_store, fracs, n_labels, subset, stratify, seeds, recipe,
+          epochs, lr, batch_size, kind, labels, device, select, val_frac, standardize, views,
           as_json, csv, predictions, progress) -> None:
     """Train the joint linear heads (one per attribute, malignancy on features + attribute
     logits) on a labelled subset and evaluate them on the test split."""
@@ -52,8 +57,9 @@ def probe(store, train_store, test_store, fracs, n_labels, subset, stratify, see
     if store is not None and train_store is not None:
         raise CredannoError("give --store or --train-store, not both")
     subsets = subset_spec(fracs, n_labels, subset, stratify, seeds)
-    spec = ProbeSpec(kind=kind, epochs=epochs, lr=lr, batch_size=batch_size, select=select,
-                     val_frac=val_frac, standardize=standardize, views=views, device=device)
+    spec = ProbeSpec(kind=kind, recipe=recipe, epochs=epochs, lr=lr, batch_size=batch_size,
+                     select=select, val_frac=val_frac, standardize=standardize, views=views,
+                     device=device)
     result = probe_sweep(train_store or store, subsets, spec, labels=parse_labels(labels),
                          test_store=test_store, progress=progress)
     click.echo(emit(result, as_json, csv, predictions))

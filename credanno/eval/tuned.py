@@ -11,21 +11,24 @@ steps of a tiny rate. Here each configuration's heads are instead fitted to conv
 - biases start at the labelled rows' log class priors;
 - ``C`` is chosen per head from a grid by k-fold cross-validation **inside the labelled
   subset** (folds stratified on the G_cls label, whole nodules when the nodules are known;
-  the test split is never seen), scored with the paper's metric (+/-1 for attributes,
-  exact for malignancy); ties go to the stronger penalty, whose limit is the constant
-  prior guess;
+  one held-out fold above ``HOLDOUT_ROWS`` rows; the test split is never seen), scored by
+  the held-out log loss, ties to the stronger penalty (whose limit is the prior);
 - G_cls (Eq. 3) is fitted on ``f (+) z_exp`` after the attribute heads, with ``z_exp``
   held fixed: G_cls's gradient does not reach the attribute heads, so each attribute head
   is trained on its own loss (what the authors' code effectively does). Its CV folds use
   the ``z_exp`` of attribute heads fitted on that fold's training part only;
 - classes absent from the labelled subset get no weights and are never predicted
-  (their logits are masked to -inf).
+  (their logits are masked to -inf);
+- the predicted class is the one the paper's metric most likely scores correct
+  (:func:`decide`: for +/-1 attributes not the most probable rating, but the one with the
+  most probability within +/-1), which is what a constant guess is chosen by.
 
 Speed: the optimum of an L2-penalised linear model lies in the row space of its training
 features, so a subset of m < D rows is solved in an m-dimensional basis (from one SVD);
-all folds x penalties of one configuration are one batched problem for
-``torch.optim.LBFGS`` (the problems are independent, so the sum's optimum is every
-problem's optimum).
+the folds of one configuration are one batched problem for ``torch.optim.LBFGS`` (the
+problems are independent, so the sum's optimum is every problem's optimum), Jacobi-
+preconditioned, along the penalty grid from the strongest, each warm-started from the
+previous.
 """
 
 from __future__ import annotations
@@ -33,8 +36,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
-
-from credanno.labels import LABEL_NAMES, label_spec
 
 #: scikit-learn's C per head; the smallest is close to the constant prior guess
 TUNED_CS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -181,9 +182,10 @@ def _lbfgs(F, block: _Block, train, C, max_iter: int, init=None):
     return (theta * scale).detach(), b.detach(), allowed
 
 
-def _cv_hits(F, fit, block: _Block, train, tol: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Correct and scored held-out labels per head (H,), summed over the folds, with
-    each head's tolerance."""
+def _cv_loss(F, fit, block: _Block, train) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out log loss summed per head (H,) over the folds, and the number of held-out
+    labels. Probabilities are mixed with 1% of a uniform guess, so a class absent from a
+    fold's training part costs a bounded amount."""
     import torch
 
     beta, b, allowed = fit
@@ -191,13 +193,11 @@ def _cv_hits(F, fit, block: _Block, train, tol: np.ndarray) -> tuple[np.ndarray,
     with torch.no_grad():
         Z = _logits(F, beta, b).masked_fill(~allowed[:, :, None, :], -np.inf)
         P = torch.softmax(Z.view(*Z.shape[:3], H, cmax), -1).cpu().numpy()
-    ok_cls = allowed.view(*allowed.shape[:2], 1, H, cmax).cpu().numpy()
-    pred = np.stack([decide(P[..., h, :], int(tol[h]), ok_cls[..., h, :])
-                     for h in range(H)], -1)
     Y = block.Y
+    P = 0.99 * P + 0.01 / np.asarray(block.widths)[:, None]
+    p_true = np.take_along_axis(P, np.maximum(Y, 0)[None, None, :, :, None], -1)[..., 0]
     val = ~train.cpu().numpy()[..., None] & (Y >= 0)  # (Kf, P, m, H)
-    ok = (np.abs(pred - Y) <= tol) & val
-    return ok.sum((0, 1, 2)), val.sum((0, 1, 2))
+    return np.where(val, -np.log(p_true), 0).sum((0, 1, 2)), val.sum((0, 1, 2))
 
 
 def decide(proba: np.ndarray, tol: int, allowed: np.ndarray | None = None) -> np.ndarray:
@@ -220,30 +220,26 @@ def decide(proba: np.ndarray, tol: int, allowed: np.ndarray | None = None) -> np
     return score.argmax(-1)
 
 
-def _tolerances(layout, heads: list[int]) -> np.ndarray:
-    return np.array([label_spec(layout.names[i]).tolerance
-                     if layout.names[i] in LABEL_NAMES else 0 for i in heads])
-
-
-def _cv_path(Fk, block: _Block, folds, Cs: tuple[float, ...], tol: np.ndarray,
-             max_iter: int):
+def _cv_path(Fk, block: _Block, folds, Cs: tuple[float, ...], max_iter: int):
     """Every penalty of the grid on every fold, from the strongest (each warm-started
     from the previous); features Fk (Kf, m, d), Kf = 1 (shared) or one set per fold.
-    Returns the chosen C per head (H,) and each fold's weights (K, d, G) and biases
-    (K, G) at its head's chosen C. Ties go to the stronger penalty."""
+    Returns the chosen C per head (H,): the smallest held-out log loss (far less noisy
+    than held-out accuracy on a few labelled rows, which picks weak penalties by chance),
+    ties to the stronger penalty; and each fold's weights (K, d, G) and biases (K, G) at
+    its head's chosen C."""
     import torch
 
     H, (K, m), Kf = len(block.widths), folds.shape, Fk.shape[0]
     train = folds.reshape(Kf, K // Kf, m)
-    fits, acc, prev = [], [], None
+    fits, losses, prev = [], [], None
     for c in Cs:
         C = torch.full((Kf, K // Kf, H), c, dtype=Fk.dtype, device=Fk.device)
         fit = _lbfgs(Fk, block, train, C, max_iter, prev)
-        hits, count = _cv_hits(Fk, fit, block, train, tol)
+        loss, count = _cv_loss(Fk, fit, block, train)
         fits.append(fit)
-        acc.append(hits / np.maximum(count, 1))
+        losses.append(loss / np.maximum(count, 1))
         prev = fit[:2]
-    choice = np.argmax(np.stack(acc), axis=0)  # first maximum: the stronger penalty
+    choice = np.argmin(np.stack(losses), axis=0)  # first minimum: the stronger penalty
     cg = torch.as_tensor(np.repeat(choice, block.cmax), device=Fk.device)
     G = fits[0][0].shape[-1]
     beta = torch.stack([f[0].reshape(K, -1, G) for f in fits])  # (J, K, d, G)
@@ -253,7 +249,7 @@ def _cv_path(Fk, block: _Block, folds, Cs: tuple[float, ...], tol: np.ndarray,
             b[cg, :, idx].permute(1, 0))
 
 
-def _fit_block(F, Fk, block: _Block, cv: _Cv | None, tol: np.ndarray, max_iter: int):
+def _fit_block(F, Fk, block: _Block, cv: _Cv | None, max_iter: int):
     """Heads of ``block`` on features F (m, d) of all labelled rows: the penalty per head
     by CV (on Fk (Kf, m, d), the features per fold), then the final fit (from the folds'
     mean). Returns the final (d, W) weights, (W,) biases, (W,) allowed classes, and per
@@ -266,7 +262,7 @@ def _fit_block(F, Fk, block: _Block, cv: _Cv | None, tol: np.ndarray, max_iter: 
     if cv is None:  # too few rows to cross-validate
         Cb = np.full(H, cv_default())
     else:
-        Cb, beta_k, b_k = _cv_path(Fk, block, cv.folds, cv.Cs, tol, max_iter)
+        Cb, beta_k, b_k = _cv_path(Fk, block, cv.folds, cv.Cs, max_iter)
         init = beta_k.mean(0), b_k.mean(0)
         per_fold = beta_k[..., block.cols], b_k[..., block.cols]
     C = torch.as_tensor(Cb, dtype=dtype, device=dev)[None, None]
@@ -310,8 +306,7 @@ def fit_tuned_config(Xc, Y: np.ndarray, layout, groups: np.ndarray | None,
         masks = masks[:1]
     cv = _Cv(torch.as_tensor(masks, device=F.device), tuple(Cs)) if len(masks) else None
     block = _Block(Y[:, exp_heads], [layout.n_classes[i] for i in exp_heads])
-    Wx, bx, allowed, per_fold = _fit_block(F, F[None], block, cv,
-                                           _tolerances(layout, exp_heads), max_iter)
+    Wx, bx, allowed, per_fold = _fit_block(F, F[None], block, cv, max_iter)
     Wz = None
     if layout.cls is not None:
         d = F.shape[1]
@@ -321,8 +316,7 @@ def fit_tuned_config(Xc, Y: np.ndarray, layout, groups: np.ndarray | None,
                             torch.matmul(F, per_fold[0]) + per_fold[1][:, None, :]], -1)
         blk2 = _Block(Y[:, [layout.cls]], [layout.n_classes[layout.cls]])
         F2 = torch.cat([F, F @ Wx + bx], -1)
-        W2, b2, al2, _ = _fit_block(F2, Fk, blk2, cv, _tolerances(layout, [layout.cls]),
-                                    max_iter)
+        W2, b2, al2, _ = _fit_block(F2, Fk, blk2, cv, max_iter)
         Wx, bx = torch.cat([Wx, W2[:d]], -1), torch.cat([bx, b2])
         allowed, Wz = torch.cat([allowed, al2]), W2[d:]
     return V @ Wx, bx, Wz, allowed
