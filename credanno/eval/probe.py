@@ -582,7 +582,8 @@ def _probe_sweep_data(data: EvalData, subsets: SubsetSpec, probe: ProbeSpec, n_b
     from credanno.eval.results import ConfigPredictions, build_result
     from credanno.eval.subsets import draw_subsets, warn_subsets_missing_classes
 
-    probe = replace(probe, batch_size=_clamp_batch(probe.batch_size, len(data.train_x)))
+    if probe.recipe == "paper":  # the tuned recipe is full-batch
+        probe = replace(probe, batch_size=_clamp_batch(probe.batch_size, len(data.train_x)))
     labels = list(data.labels)
     layout = HeadLayout(labels, [label_spec(n).n_classes for n in labels],
                         labels.index("malignancy") if "malignancy" in labels else None)
