@@ -294,7 +294,7 @@ def test_probe_matches_logistic_regression_on_separable_data():
     y = (X @ w > 0).astype(int)
     Xt = rng.normal(size=(200, 20)).astype(np.float32)
     yt = (Xt @ w > 0).astype(int)
-    probe = JointLinearProbe(epochs=60, lr=0.05).fit(X, y)
+    probe = JointLinearProbe(recipe="paper", epochs=60, lr=0.05).fit(X, y)
     sk = LogisticRegression(C=100, max_iter=1000).fit(X, y)
     assert probe.score(Xt, yt) > 0.95 and sk.score(Xt, yt) > 0.95
     proba = probe.predict_proba(Xt)
@@ -315,7 +315,8 @@ def test_joint_probe_gradients_match_autograd():
     lay = HeadLayout(["malignancy", "a", "b"], [2, 3, 4], cls=0)
     epochs, lr = 3, 0.1
     heads = train_joint_heads(X, Y, lay, [ProbeRun(np.arange(n), lr, 4)],
-                              ProbeSpec(epochs=epochs, batch_size=n, standardize=False))
+                              ProbeSpec(recipe="paper", epochs=epochs, batch_size=n,
+                                        standardize=False))
     g = torch.Generator().manual_seed(4)
     Wx = (torch.randn(D, 9, generator=g) * 0.01).requires_grad_()
     Wz = (torch.randn(7, 2, generator=g) * 0.01).requires_grad_()
@@ -346,7 +347,7 @@ def test_batched_configurations_equal_separate_runs():
     Y = np.stack([rng.integers(0, 2, 300), rng.integers(0, 5, 300)], 1)
     lay = HeadLayout(["malignancy", "texture"], [2, 5], cls=0)
     rows = [np.arange(0, 300), np.arange(0, 30), np.arange(100, 250)]
-    spec = ProbeSpec(epochs=4, batch_size=64, standardize=True)
+    spec = ProbeSpec(recipe="paper", epochs=4, batch_size=64, standardize=True)
     runs = [ProbeRun(r, lr, seed) for seed, (r, lr) in enumerate(zip(rows, [0.01, 0.02, 0.03],
                                                                      strict=True))]
     together = train_joint_heads(X, Y, lay, runs, spec)
@@ -367,7 +368,7 @@ def test_probe_sweep_select_val_and_views():
         warnings.simplefilter("ignore", CredannoWarning)
         r = probe_sweep(EvalData.from_arrays(trx, trt, tex, tet, train_views=views),
                         SubsetSpec(fracs=[0.5, 1], seeds=[0, 1]),
-                        ProbeSpec(epochs=5, select="val"))
+                        ProbeSpec(recipe="paper", epochs=5, select="val"))
     assert len(r.results) == 2 * 2 * len(LABEL_NAMES)
     assert r.results["k"].isna().all() and set(r.results["method"]) == {"probe"}
     assert r.config["views"] == 2
@@ -413,10 +414,11 @@ def test_probe_sweep_equals_one_probe_per_subset():
         warnings.simplefilter("ignore", CredannoWarning)
         r = probe_sweep(EvalData.from_arrays(trx, trt, tex, tet, labels),
                         SubsetSpec(fracs=[0.3], seeds=[0, 1]),
-                        ProbeSpec(epochs=3, standardize=False))
+                        ProbeSpec(recipe="paper", epochs=3, standardize=False))
     for c, seed in enumerate((0, 1)):
         rows = label_subset(trt, frac=0.3, seed=seed)
-        est = JointLinearProbe(epochs=3, lr=paper_lr(0.3), seed=seed, standardize=False)
+        est = JointLinearProbe(recipe="paper", epochs=3, lr=paper_lr(0.3), seed=seed,
+                               standardize=False)
         proba = est.fit(trx[rows], trt[labels].iloc[rows]).predict_proba(tex)
         for j, name in enumerate(labels):
             np.testing.assert_allclose(r._configs[c].probas[name], proba[j], atol=1e-6)

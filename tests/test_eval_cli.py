@@ -53,10 +53,12 @@ def test_probe_sweep_store_uses_last4_and_views(tmp_path):
     path = _store(tmp_path / "v.h5", views=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CredannoWarning)
-        r = probe_sweep(path, SubsetSpec(fracs=[1]), ProbeSpec(epochs=3),
+        r = probe_sweep(path, SubsetSpec(fracs=[1]), ProbeSpec(recipe="paper", epochs=3),
                         labels=["malignancy", "texture"])
+        tuned = probe_sweep(path, SubsetSpec(fracs=[1]), labels=["malignancy"])
     assert r.config["kind"] == "last4" and r.config["views"] == 2
     assert set(r.results["label"]) == {"malignancy", "texture"}
+    assert tuned.config["recipe"] == "tuned" and tuned.config["views"] == 0
 
 
 def test_train_and_test_stores_must_share_provenance(tmp_path, store_path):

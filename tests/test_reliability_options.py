@@ -175,7 +175,8 @@ def test_probe_batch_size_clamped_to_the_data(syn):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        r = probe_sweep(syn["store"], probe=ProbeSpec(epochs=2, batch_size=100_000_000),
+        r = probe_sweep(syn["store"], probe=ProbeSpec(recipe="paper", epochs=2,
+                                                      batch_size=100_000_000),
                         labels=["malignancy"])
     n_train = int((syn["table"]["split"] == "train").sum())
     msgs = [str(w.message) for w in caught if issubclass(w.category, CredannoWarning)]
@@ -183,7 +184,7 @@ def test_probe_batch_size_clamped_to_the_data(syn):
                for m in msgs)
     assert r.config["batch_size"] == n_train
     # clamping is exactly training with one batch of all rows
-    same = probe_sweep(syn["store"], probe=ProbeSpec(epochs=2, batch_size=n_train),
+    same = probe_sweep(syn["store"], probe=ProbeSpec(recipe="paper", epochs=2, batch_size=n_train),
                        labels=["malignancy"])
     pd.testing.assert_frame_equal(r.results, same.results)
 

@@ -13,13 +13,18 @@ from credanno.commands._eval_options import (
     subset_spec_of,
 )
 from credanno.commands._types import POSITIVE, FiniteFloat
-from credanno.eval.probe import MAX_LR
+from credanno.eval.probe import MAX_LR, PROBE_RECIPES
 
 
 @click.command("probe")
 @store_options
 @subset_options
 @seed_options(default="0-4", what="Seeds (subset, initialisation, batches)")
+@click.option("--recipe", type=click.Choice(list(PROBE_RECIPES)), default="tuned",
+              show_default=True,
+              help="tuned: fitted to convergence, penalty cross-validated inside the labelled "
+                   "subset, never worse than a constant; paper: the paper's SGD recipe "
+                   "(--epochs, --lr, --batch-size, --select apply to it).")
 @click.option("--epochs", type=POSITIVE, default=100, show_default=True)
 @click.option("--lr", type=FiniteFloat(0, MAX_LR, example="5e-4"), default=None,
               help="Initial learning rate (default: the paper's 5e-4 with all labels, "
@@ -45,8 +50,8 @@ from credanno.eval.probe import MAX_LR
               help="Train on the store's augmented views when it has them.")
 @output_options
 def probe(store, train_store, test_store, fracs, n_labels, strategy, subset, stratify,
-          subset_file, where, seeds, epochs, lr, batch_size, kind, labels, device, select,
-          val_frac, standardize, views, as_json, csv, predictions, progress) -> None:
+          subset_file, where, seeds, recipe, epochs, lr, batch_size, kind, labels, device,
+          select, val_frac, standardize, views, as_json, csv, predictions, progress) -> None:
     """Train the joint linear heads (one per attribute, malignancy on features + attribute
     logits) on a labelled subset and evaluate them on the test split."""
     from credanno.errors import CredannoError
@@ -57,8 +62,9 @@ def probe(store, train_store, test_store, fracs, n_labels, strategy, subset, str
     if store is not None and train_store is not None:
         raise CredannoError("give --store or --train-store, not both")
     subsets = subset_spec_of(fracs, n_labels, strategy, subset, stratify, subset_file, seeds)
-    spec = ProbeSpec(kind=kind, epochs=epochs, lr=lr, batch_size=batch_size, select=select,
-                     val_frac=val_frac, standardize=standardize, views=views, device=device)
+    spec = ProbeSpec(kind=kind, recipe=recipe, epochs=epochs, lr=lr, batch_size=batch_size,
+                     select=select, val_frac=val_frac, standardize=standardize, views=views,
+                     device=device)
     result = probe_sweep(train_store or store, subsets, spec, labels=parse_labels(labels),
                          test_store=test_store, where=where, progress=progress)
     click.echo(emit(result, as_json, csv, predictions))

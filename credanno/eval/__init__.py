@@ -14,7 +14,7 @@ _EXPORTS = {
     "knn_sweep": "credanno.eval.knn",
     "knn_classify": "credanno.eval.knn",
     "probe_sweep": "credanno.eval.probe",
-    "JointLinearProbe": "credanno.eval.probe",
+    "JointLinearProbe": "credanno.eval.estimator",
     "EvalResult": "credanno.eval.results",
     "EvalData": "credanno.eval.data",
     "open_eval_data": "credanno.eval.data",

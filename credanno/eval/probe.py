@@ -33,13 +33,11 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import pandas as pd
 
 from credanno import checks
 from credanno.errors import CredannoError, CredannoWarning
 from credanno.eval.data import EvalData, StoreLike, open_eval_data
 from credanno.labels import LABEL_NAMES, label_spec
-from credanno.numerics import require_finite
 from credanno.runtime import cpu_threads
 
 if TYPE_CHECKING:
@@ -132,6 +130,7 @@ class ProbeRun(NamedTuple):
     lr: float = PAPER_LR_FULL
     seed: int = 0
     val_rows: np.ndarray | None = None
+    groups: np.ndarray | None = None  # the rows' nodules: the tuned recipe's CV folds
 
 
 @dataclass
@@ -140,7 +139,9 @@ class JointHeads:
 
     The attribute heads (G_exp) are read from ``exp`` and G_cls from ``cls`` (they differ
     only when heads were selected at different epochs on validation data); ``mean`` and
-    ``scale`` standardise the features first (None: raw features).
+    ``scale`` standardise the features first (None: raw features); ``mask`` (C, W) is added
+    to the logits before the softmax: -inf for classes that are never predicted (absent
+    from a labelled subset, tuned recipe), None: all classes.
     """
 
     layout: HeadLayout
@@ -148,6 +149,7 @@ class JointHeads:
     cls: HeadParams
     mean: Any = None
     scale: Any = None
+    mask: Any = None
 
 
 def _forward(params, X, layout: HeadLayout):
@@ -191,6 +193,8 @@ def _predict_heads(heads: JointHeads, X) -> list[Any]:
         if which == "cls" and lay.cls is None:
             continue
         Z = _forward(params, X, lay)
+        if heads.mask is not None:
+            Z = Z + heads.mask[:, None, :]
         for i in range(len(lay.names)):
             if (i == lay.cls) != (which == "cls"):
                 continue
@@ -237,7 +241,68 @@ def train_joint_heads(X: np.ndarray, Y: np.ndarray, layout: HeadLayout,
 
     spec = ProbeSpec() if spec is None else spec
     with _torch_threads(spec.device, num_threads):
-        return _BatchedTrainer(X, Y, layout, list(runs), spec, views).run(progress)
+        return PROBE_RECIPES[spec.recipe](X, Y, layout, list(runs), spec, views, progress)
+
+
+def _train_paper(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[ProbeRun],
+                 spec: ProbeSpec, views: np.ndarray | None, progress: bool) -> JointHeads:
+    """The paper's recipe: minibatch SGD with momentum, cosine schedule, last (or best
+    validation) epoch; all configurations as one batched model."""
+    return _BatchedTrainer(X, Y, layout, runs, spec, views).run(progress)
+
+
+def _train_tuned(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[ProbeRun],
+                 spec: ProbeSpec, views: np.ndarray | None, progress: bool) -> JointHeads:
+    """The tuned recipe (:mod:`credanno.eval.tuned`): every configuration fitted to
+    convergence with its penalty cross-validated inside its labelled rows. Trains on the
+    plain features (``views`` unused: the penalty, not augmentation, regularises)."""
+    import torch
+
+    from credanno.eval.tuned import fit_tuned_config
+
+    dev = torch.device(spec.device)
+    n = len(X)
+    Y = np.asarray(Y, dtype=np.int64).reshape(n, -1)
+    f = _features(X, None, spec.standardize, dev)
+    fits, done = [], {}
+    it = runs
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(runs, desc="probes (tuned)", unit="configuration")
+    for r in it:
+        rows = np.asarray(r.rows, dtype=np.int64)
+        if len(rows) == 0:
+            raise CredannoError("a configuration has no labelled training rows; use a larger "
+                                "--frac")
+        Xc = f.X[torch.as_tensor(rows, device=dev)]
+        # float64 where it is cheap (small subsets): L-BFGS then converges tightly
+        Xc = Xc.double() if Xc.numel() <= 1_000_000 and dev.type == "cpu" else Xc
+        groups = None if r.groups is None else np.asarray(r.groups)
+        key = (rows.tobytes(), None if groups is None else groups.tobytes())
+        if key not in done:  # identical rows (e.g. all labels, every seed): one fit
+            done[key] = fit_tuned_config(Xc, Y[rows], layout, groups, spec.Cs, spec.cv_folds)
+        fits.append(done[key])
+    return _stack_tuned(fits, layout, f, dev)
+
+
+def _stack_tuned(fits: list, layout: HeadLayout, f: _Features, dev) -> JointHeads:
+    """Per-configuration tuned fits as one :class:`JointHeads` (float32)."""
+    import torch
+
+    def stack(i):
+        return torch.stack([fit[i].float() for fit in fits])
+
+    Wz = None if layout.cls is None else stack(2)
+    allowed = torch.stack([fit[3] for fit in fits])
+    mask = torch.zeros(allowed.shape, device=dev).masked_fill(~allowed, -math.inf)
+    params = HeadParams(stack(0), stack(1), Wz)
+    mean = None if f.mean is None else torch.from_numpy(f.mean).to(dev)
+    scale = None if f.scale is None else torch.from_numpy(f.scale).to(dev)
+    return JointHeads(layout, params, params, mean, scale, mask)
+
+
+#: the probe recipes (``ProbeSpec.recipe``, ``credanno probe --recipe``): name -> trainer
+PROBE_RECIPES = {"tuned": _train_tuned, "paper": _train_paper}
 
 
 class _Features(NamedTuple):
@@ -457,7 +522,8 @@ class _BatchedTrainer:
         if Wz is not None:
             Gc = G[..., A:]
             dWz = torch.bmm(Z[..., :A].transpose(1, 2), Gc)
-            G = torch.cat([G[..., :A] + torch.bmm(Gc, Wz.transpose(1, 2)), Gc], -1)
+            if self.spec.cls_grad:  # G_cls's loss reaches the attribute heads via z_exp
+                G = torch.cat([G[..., :A] + torch.bmm(Gc, Wz.transpose(1, 2)), Gc], -1)
         dWx = torch.bmm(Xb.transpose(1, 2), G)
         grads = [dWx, G.sum(dim=1)] + ([dWz] if Wz is not None else [])
         params = [Wx, b] + ([Wz] if Wz is not None else [])
@@ -465,84 +531,6 @@ class _BatchedTrainer:
             bf = buf[:na]
             bf.mul_(self.spec.momentum).add_(g)  # torch.optim.SGD's momentum buffer
             p.sub_(bf * lr_now[:na].view(-1, *([1] * (p.dim() - 1))))
-
-
-class JointLinearProbe:
-    """The paper's joint G_exp/G_cls heads as a scikit-learn style estimator.
-
-    ``fit(X, Y)`` with ``Y`` a DataFrame of label columns (names from
-    :data:`credanno.labels.LABEL_NAMES`; ``malignancy`` becomes G_cls fed with the other
-    heads' logits), a 2-D int array (one column per head, ``n_classes`` inferred, no G_cls
-    unless ``cls_label`` gives a column index) or a 1-D array (one softmax regression).
-    Labels of -1 are missing and ignored by that head.
-    """
-
-    def __init__(self, epochs: int = 100, lr: float = PAPER_LR_FULL, batch_size: int = 128,
-                 momentum: float = 0.9, standardize: bool = True, seed: int = 0,
-                 device: str = "cpu", cls_label: str | int | None = "malignancy",
-                 select: str = "last", val_frac: float = 0.2) -> None:
-        self.epochs, self.lr, self.batch_size = epochs, lr, batch_size
-        self.momentum, self.standardize, self.seed = momentum, standardize, seed
-        self.device, self.cls_label, self.select, self.val_frac = (device, cls_label, select,
-                                                                    val_frac)
-
-    def _layout(self, Y) -> tuple[np.ndarray, HeadLayout]:
-        if isinstance(Y, pd.DataFrame):
-            names = [str(c) for c in Y.columns]
-            counts = [label_spec(c).n_classes if c in LABEL_NAMES
-                      else int(Y[c].max()) + 1 for c in names]
-            cls = names.index(self.cls_label) if self.cls_label in names else None
-            return Y.to_numpy().astype(np.int64), HeadLayout(names, counts, cls)
-        arr = np.asarray(Y).astype(np.int64)
-        self._single = arr.ndim == 1
-        arr = arr.reshape(len(arr), -1)
-        names = [str(i) for i in range(arr.shape[1])]
-        counts = [int(arr[:, i].max()) + 1 for i in range(arr.shape[1])]
-        cls = self.cls_label if isinstance(self.cls_label, int) else None
-        return arr, HeadLayout(names, counts, cls)
-
-    def fit(self, X: np.ndarray, Y, views: np.ndarray | None = None) -> JointLinearProbe:
-        """Train on all rows of ``X`` (n, D) (``select="val"``: hold out ``val_frac``)."""
-        from credanno.eval.specs import ProbeSpec
-
-        self._single = False
-        Yarr, layout = self._layout(Y)
-        X = require_finite(np.asarray(X, dtype=np.float32), "features")
-        spec = ProbeSpec(kind=None, epochs=self.epochs, batch_size=self.batch_size,
-                         momentum=self.momentum, select=self.select, val_frac=self.val_frac,
-                         standardize=self.standardize, device=self.device)
-        rows = np.arange(len(X))
-        val = None
-        if self.select == "val":
-            rows, val = split_validation(rows, self.val_frac, self.seed)
-        run = ProbeRun(rows, self.lr, self.seed, val)
-        self.heads_ = train_joint_heads(X, Yarr, layout, [run], spec, views=views)
-        self.layout_ = layout
-        self.classes_ = [np.arange(c) for c in layout.n_classes]
-        return self
-
-    def predict_proba(self, X: np.ndarray):
-        """Class probabilities: (n, C) for a 1-D target, else a list of (n, C_l) arrays."""
-        import torch
-
-        Xt = torch.as_tensor(np.asarray(X, dtype=np.float32), device=self.heads_.exp[0].device)
-        with torch.no_grad():
-            probs = [p[0].cpu().numpy() for p in _predict_heads(self.heads_, Xt)]
-        return probs[0] if self._single else probs
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Predicted classes: (n,) for a 1-D target, else (n, L) in the columns' order."""
-        probs = self.predict_proba(X)
-        if self._single:
-            return probs.argmax(axis=1)
-        return np.stack([p.argmax(axis=1) for p in probs], axis=1)
-
-    def score(self, X: np.ndarray, Y) -> float:
-        """Mean exact accuracy over heads (ignoring missing labels)."""
-        Yarr = np.asarray(Y).reshape(len(X), -1)
-        pred = self.predict(X).reshape(len(X), -1)
-        ok = Yarr >= 0
-        return float((pred[ok] == Yarr[ok]).mean())
 
 
 def split_validation(rows: np.ndarray, val_frac: float, seed: int,
@@ -572,9 +560,13 @@ def split_validation(rows: np.ndarray, val_frac: float, seed: int,
     return np.sort(rows[~pick]), np.sort(rows[pick])
 
 
-def _probe_run(subset: Subset, probe: ProbeSpec) -> ProbeRun:
+def _probe_run(subset: Subset, probe: ProbeSpec, nodules: np.ndarray | None) -> ProbeRun:
     """The training run of one labelled subset (its validation part carved out for
-    ``select="val"``, whole nodules when the subset was drawn nodule-wise)."""
+    ``select="val"``, whole nodules when the subset was drawn nodule-wise; the tuned
+    recipe's CV folds keep whole nodules when ``nodules`` (per training row) is given)."""
+    if probe.recipe != "paper":
+        return ProbeRun(subset.rows, seed=subset.seed,
+                        groups=None if nodules is None else nodules[subset.rows])
     lr = probe.lr if probe.lr is not None else paper_lr(subset.frac)
     if probe.select == "val":
         fit, val = split_validation(subset.rows, probe.val_frac, subset.seed, subset.groups)
@@ -590,13 +582,16 @@ def _probe_sweep_data(data: EvalData, subsets: SubsetsLike, probe: ProbeSpec, n_
     from credanno.eval.results import ConfigPredictions, build_result
     from credanno.eval.subsets import resolve_subsets, warn_subsets_missing_classes
 
-    probe = replace(probe, batch_size=_clamp_batch(probe.batch_size, len(data.train_x)))
+    if probe.recipe == "paper":  # the tuned recipe is full-batch
+        probe = replace(probe, batch_size=_clamp_batch(probe.batch_size, len(data.train_x)))
     labels = list(data.labels)
     layout = HeadLayout(labels, [label_spec(n).n_classes for n in labels],
                         labels.index("malignancy") if "malignancy" in labels else None)
     Y = data.train_table[labels].to_numpy().astype(np.int64)
     drawn, subset_record = resolve_subsets(subsets, data.train_table, data.train_features)
-    runs = [_probe_run(s, probe) for s in drawn]
+    nodules = (data.train_table["nodule_id"].to_numpy()
+               if "nodule_id" in data.train_table else None)
+    runs = [_probe_run(s, probe, nodules) for s in drawn]
     warn_subsets_missing_classes(drawn, Y, labels)
     heads = train_joint_heads(data.train_x, Y, layout, runs, probe, views=data.train_views,
                               progress=progress)
@@ -607,16 +602,39 @@ def _probe_sweep_data(data: EvalData, subsets: SubsetsLike, probe: ProbeSpec, n_
     configs = []
     for c, s in enumerate(drawn):
         proba = {name: probs[j][c] for j, name in enumerate(labels)}
-        pred = {name: p.argmax(axis=1) for name, p in proba.items()}
+        pred = _decisions(proba, heads, c, probe.recipe)
         configs.append(ConfigPredictions("probe", None, s.frac, s.seed, len(s.rows), pred,
                                          proba))
     views = 0 if data.train_views is None else int(data.train_views.shape[0])
-    cfg = {"method": "probe", **subset_record, "epochs": probe.epochs, "lr": probe.lr,
-           "lrs": [r.lr for r in runs], "batch_size": probe.batch_size,
-           "momentum": probe.momentum, "select": probe.select, "val_frac": probe.val_frac,
-           "standardize": probe.standardize, "views": views, "labels": labels,
-           **data.record()}
+    cfg = {"method": "probe", "recipe": probe.recipe, **subset_record,
+           **_recipe_record(probe, runs),
+           "standardize": probe.standardize, "views": views if probe.recipe == "paper" else 0,
+           "labels": labels, **data.record()}
     return build_result(configs, data.test_table, labels, n_boot=n_boot, config=cfg)
+
+
+def _decisions(proba: dict[str, np.ndarray], heads: JointHeads, c: int,
+               recipe: str) -> dict[str, np.ndarray]:
+    """Predicted classes of configuration ``c``: the most probable class (paper recipe),
+    or the tuned recipe's decision for the paper's metric among the classes its labelled
+    subset holds (:func:`credanno.eval.tuned.decide`)."""
+    if recipe == "paper":
+        return {name: p.argmax(axis=1) for name, p in proba.items()}
+    from credanno.eval.tuned import decide
+
+    mask = heads.mask[c].cpu().numpy()
+    return {name: decide(p, label_spec(name).tolerance,
+                         mask[heads.layout.columns(heads.layout.names.index(name))] == 0)
+            for name, p in proba.items()}
+
+
+def _recipe_record(probe: ProbeSpec, runs: list[ProbeRun]) -> dict:
+    """The recipe's settings as recorded in ``EvalResult.config``."""
+    if probe.recipe != "paper":
+        return {"Cs": list(probe.Cs), "cv_folds": probe.cv_folds}
+    return {"epochs": probe.epochs, "lr": probe.lr, "lrs": [r.lr for r in runs],
+            "batch_size": probe.batch_size, "momentum": probe.momentum,
+            "select": probe.select, "val_frac": probe.val_frac, "cls_grad": probe.cls_grad}
 
 
 def probe_sweep(store: StoreLike | EvalData = None, subsets: SubsetsLike = None,
@@ -639,5 +657,15 @@ def probe_sweep(store: StoreLike | EvalData = None, subsets: SubsetsLike = None,
     if isinstance(store, EvalData):
         return _probe_sweep_data(store.subpopulation(where), subsets, probe, n_boot, progress)
     with open_eval_data(store, probe.kind, labels, test_store=test_store,
-                        views=probe.views, where=where) as data:
+                        views=probe.views and probe.recipe == "paper", where=where) as data:
         return _probe_sweep_data(data, subsets, probe, n_boot, progress)
+
+
+def __getattr__(name: str):
+    # the estimator lives apart so that importing this module (the CLI does) stays free
+    # of scikit-learn
+    if name == "JointLinearProbe":
+        from credanno.eval.estimator import JointLinearProbe
+
+        return JointLinearProbe
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

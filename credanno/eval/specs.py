@@ -3,7 +3,7 @@
 - :class:`SubsetSpec`: which training rows keep their labels (label fractions or counts
   drawn by a strategy of :mod:`credanno.eval.strategies` over seeds, or a subset file);
 - :class:`KnnSpec`: the k-NN classifier (k, temperature, weighting, feature set, device);
-- :class:`ProbeSpec`: the trained linear predictors G_exp/G_cls (the paper's recipe).
+- :class:`ProbeSpec`: the trained linear predictors G_exp/G_cls (tuned or paper recipe).
 
 Each validates its fields once, at construction, with the one-line errors of the CLI
 options they come from, so that a typo fails before any store is read. Numbers are kept
@@ -164,7 +164,16 @@ class KnnSpec:
 
 @dataclass(frozen=True)
 class ProbeSpec:
-    """The trained linear predictors G_exp and G_cls (the paper's section 3 recipe).
+    """The trained linear predictors G_exp and G_cls (Eq. 3).
+
+    ``recipe``: ``"tuned"`` (default; :mod:`credanno.eval.tuned`: fitted to convergence,
+    biases at log class priors, the L2 penalty ``C`` per head picked from ``Cs`` by
+    ``cv_folds``-fold cross-validation inside the labelled subset, absent classes never
+    predicted) or ``"paper"`` (section 3: SGD, the fields below). Paper recipe only:
+    ``epochs``, ``lr``, ``batch_size``, ``momentum``, ``select``, ``val_frac``,
+    ``init_std``, ``views``, ``cls_grad`` (G_cls's gradient reaches the attribute heads
+    through z_exp; False: each attribute head trains on its own loss, as the authors'
+    code effectively does).
 
     ``lr=None``: the paper's rate per label fraction (5e-4 with all labels, 2.5e-4 with
     partial labels); ``select``: the last epoch, or each head's best epoch on ``val_frac``
@@ -175,6 +184,9 @@ class ProbeSpec:
     """
 
     kind: str | None = "last4"
+    recipe: str = "tuned"
+    Cs: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    cv_folds: int = 5
     epochs: int = 100
     lr: float | None = None
     batch_size: int = 128
@@ -185,14 +197,21 @@ class ProbeSpec:
     views: bool = True
     device: str | None = None  # None: runtime.default_device() (a GPU when torch sees one)
     init_std: float = 0.01
+    cls_grad: bool = True
 
     def __post_init__(self) -> None:
-        from credanno.eval.probe import SELECTIONS, check_lr
+        from credanno.eval.probe import PROBE_RECIPES, SELECTIONS, check_lr
         from credanno.runtime import resolve_device
 
+        if self.recipe not in PROBE_RECIPES:
+            raise CredannoError(f"unknown probe recipe {self.recipe!r}; use one of "
+                                f"{', '.join(PROBE_RECIPES)}")
         if self.select not in SELECTIONS:
             raise CredannoError(f"unknown selection {self.select!r}; use one of "
                                 f"{', '.join(SELECTIONS)}")
+        Cs = tuple(sorted(checks.finite(c, "C", low=0) for c in _tuple(self.Cs)))
+        if not Cs:
+            raise CredannoError("no penalty C given for the tuned recipe; pass e.g. Cs=(0.01, 1)")
         _set(self, lr=None if self.lr is None else check_lr(self.lr),
              epochs=checks.count(self.epochs, "--epochs"),
              batch_size=checks.count(self.batch_size, "--batch-size"),
@@ -201,4 +220,8 @@ class ProbeSpec:
              val_frac=checks.finite(self.val_frac, "--val-frac", low=0, high=1,
                                     high_open=True, example="0.2"),
              init_std=checks.finite(self.init_std, "init_std", low=0, low_open=False),
+             Cs=Cs, cv_folds=checks.count(self.cv_folds, "cv_folds"),
              device=resolve_device(self.device))
+        if self.recipe == "tuned" and (self.lr is not None or self.select != "last"):
+            raise CredannoError("--lr and --select val belong to --recipe paper; the tuned "
+                                "recipe cross-validates its penalty (add --recipe paper)")

@@ -1,0 +1,199 @@
+"""The linear probes G_exp/G_cls (Eq. 3): the tuned recipe against scikit-learn, its
+guarantees (absent classes, constant guess, CV inside the labelled rows), the paper recipe
+pinned, and the estimator protocol."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from credanno.errors import CredannoError, CredannoWarning
+from credanno.eval.data import EvalData
+from credanno.eval.specs import ProbeSpec, SubsetSpec
+from credanno.synthetic import synthetic_features, synthetic_table
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _problem(noise: float, seed: int, n: int = 300, d: int = 10, k: int = 3):
+    rng = np.random.default_rng(seed)
+    X = (rng.normal(size=(n + 400, d)) * rng.uniform(0.5, 3, d)).astype(np.float32)
+    w = rng.normal(size=(d, k))
+    y = (X @ w / X.std(0).mean() + noise * rng.normal(size=(n + 400, k))).argmax(1)
+    return X[:n], y[:n], X[n:], y[n:]
+
+
+@pytest.mark.parametrize("noise", [0.0, 1.5])
+def test_tuned_probe_matches_logistic_regression(noise):
+    """Same penalty, same standardised features: scikit-learn's predictions on >= 99%."""
+    from sklearn.linear_model import LogisticRegression
+
+    from credanno.eval.probe import JointLinearProbe
+
+    X, y, Xt, yt = _problem(noise, seed=3, n=200)
+    mu, sd = X.mean(0), X.std(0)
+    for C in (0.05, 1.0):
+        ours = JointLinearProbe(Cs=(C,)).fit(X, y).predict(Xt)
+        sk = LogisticRegression(C=C, max_iter=5000, tol=1e-8).fit((X - mu) / sd, y)
+        assert (ours == sk.predict((Xt - mu) / sd)).mean() >= 0.99
+
+
+def test_tuned_probe_is_a_scikit_learn_estimator():
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV
+
+    from credanno.eval.probe import JointLinearProbe
+
+    X, y, Xt, yt = _problem(1.0, seed=4, n=120)
+    est = JointLinearProbe(Cs=(0.1,), seed=2)
+    twin = clone(est)
+    assert twin.get_params() == est.get_params() and not hasattr(twin, "heads_")
+    assert est.set_params(cv=3) is est and est.cv == 3
+    grid = GridSearchCV(JointLinearProbe(), {"Cs": [(0.001,), (1.0,)]}, cv=3).fit(X, y)
+    assert grid.best_params_["Cs"] in [(0.001,), (1.0,)]
+    assert grid.best_estimator_.heads_ is not None and grid.score(Xt, yt) > 0.4
+
+
+def test_absent_classes_are_never_predicted_and_cv_stays_in_the_subset():
+    """A class missing from the labelled rows gets probability 0; the heads depend only
+    on the labelled rows (other rows' labels and the test split are never read)."""
+    from credanno.eval.probe import HeadLayout, ProbeRun, _predict_heads, train_joint_heads
+
+    X, y, Xt, _ = _problem(0.5, seed=5, n=200, k=4)
+    rows = np.flatnonzero(y != 2)[:60]
+    lay = HeadLayout(["a"], [4], None)
+    spec = ProbeSpec(device="cpu")
+    heads = train_joint_heads(X, y[:, None], lay, [ProbeRun(rows)], spec)
+    import torch
+
+    proba = _predict_heads(heads, torch.from_numpy(Xt))[0][0].numpy()
+    assert (proba[:, 2] == 0).all() and (proba.argmax(1) != 2).all()
+    scrambled = y.copy()
+    others = np.setdiff1d(np.arange(len(y)), rows)
+    scrambled[others] = np.random.default_rng(0).permutation(scrambled[others])
+    again = train_joint_heads(X, scrambled[:, None], lay, [ProbeRun(rows)], spec)
+    torch.testing.assert_close(again.exp.W_x, heads.exp.W_x)
+
+
+def _data(signal: float, n_nodules: int = 90, dim: int = 24, labels=None):
+    t = synthetic_table(n_nodules=n_nodules, per_nodule=3, seed=7)
+    x = synthetic_features(t, dim=dim, signal=signal)
+    tr, te = (t["split"] == "train").to_numpy(), (t["split"] == "test").to_numpy()
+    return EvalData.from_arrays(x[tr], t[tr].reset_index(drop=True), x[te],
+                                t[te].reset_index(drop=True), labels)
+
+
+def test_tuned_probe_is_never_much_worse_than_a_constant():
+    """Pure-noise features: the tuned heads do about as well as the best constant guess
+    that the labelled rows suggest, under the paper's +/-1 metric."""
+    from credanno.eval.probe import probe_sweep
+    from credanno.eval.subsets import draw_subsets
+    from credanno.eval.tuned import decide
+    from credanno.labels import label_spec
+
+    data = _data(signal=0.0)
+    subsets = SubsetSpec(fracs=[0.2], seeds=[0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CredannoWarning)
+        r = probe_sweep(data, subsets, ProbeSpec(), n_boot=10)
+    assert r.config["recipe"] == "tuned" and r.config["Cs"]
+    acc = r.results.set_index(["seed", "label"])["acc"]
+    for s in draw_subsets(subsets, data.train_table):
+        for name in data.labels:
+            spec = label_spec(name)
+            y = data.train_table[name].to_numpy()[s.rows]
+            prior = np.bincount(y[y >= 0], minlength=spec.n_classes)
+            const = decide(prior[None] / prior.sum(), spec.tolerance)[0]
+            yt = data.test_table[name].to_numpy()
+            const_acc = (np.abs(yt[yt >= 0] - const) <= spec.tolerance).mean()
+            assert acc[(s.seed, name)] >= const_acc - 0.05, (name, s.seed)
+
+
+def test_tuned_probe_learns_g_cls_from_features_and_attribute_logits():
+    """With signal, G_cls (on f (+) z_exp, Eq. 3) and the attribute heads beat chance."""
+    from credanno.eval.probe import probe_sweep
+
+    labels = ["malignancy", "subtlety", "texture"]
+    r = probe_sweep(_data(signal=3.0, labels=labels), SubsetSpec(fracs=[1.0]), ProbeSpec(),
+                    n_boot=10)
+    acc = r.results.set_index("label")["acc"]
+    assert acc["malignancy"] > 0.9 and acc["subtlety"] > 0.9 and acc["texture"] > 0.9
+
+
+def test_paper_recipe_is_pinned():
+    """Today's paper-recipe numbers, to the printed digit (a cheap regression guard)."""
+    from credanno.eval.probe import probe_sweep
+
+    labels = ["malignancy", "texture", "subtlety"]
+    r = probe_sweep(_data(signal=1.0, n_nodules=40, dim=8, labels=labels),
+                    SubsetSpec(fracs=[0.5, 1.0], seeds=[0]),
+                    ProbeSpec(recipe="paper", epochs=4, batch_size=16, device="cpu"),
+                    n_boot=10)
+    got = r.results.set_index(["frac", "label"])["acc"].round(6).to_dict()
+    assert got == {(0.5, "malignancy"): 0.404762, (1.0, "malignancy"): 0.52381,
+                   (0.5, "texture"): 0.547619, (1.0, "texture"): 0.547619,
+                   (0.5, "subtlety"): 0.547619, (1.0, "subtlety"): 0.571429}
+    np.testing.assert_allclose(r._configs[0].probas["texture"][:2],
+                               [[0.200309, 0.196065, 0.203198, 0.198745, 0.201683],
+                                [0.19395, 0.198426, 0.20894, 0.19846, 0.200224]], atol=2e-6)
+
+
+def test_cls_grad_off_equals_autograd_with_z_exp_detached():
+    """``cls_grad=False``: G_cls's loss does not reach the attribute heads (autograd with
+    ``z_exp.detach()`` in Eq. 3), i.e. each attribute head trains on its own loss."""
+    import torch
+
+    from credanno.eval.probe import HeadLayout, ProbeRun, train_joint_heads
+
+    rng = np.random.default_rng(1)
+    n, D, epochs, lr = 40, 5, 3, 0.1
+    X = rng.normal(size=(n, D)).astype(np.float32)
+    Y = np.stack([rng.integers(0, 2, n), rng.integers(0, 3, n)], 1)
+    heads = train_joint_heads(X, Y, HeadLayout(["malignancy", "a"], [2, 3], cls=0),
+                              [ProbeRun(np.arange(n), lr, 4)],
+                              ProbeSpec(recipe="paper", epochs=epochs, batch_size=n,
+                                        standardize=False, cls_grad=False))
+    g = torch.Generator().manual_seed(4)
+    Wx = (torch.randn(D, 5, generator=g) * 0.01).requires_grad_()
+    Wz = (torch.randn(3, 2, generator=g) * 0.01).requires_grad_()
+    b = torch.zeros(5, requires_grad=True)
+    opt = torch.optim.SGD([Wx, b, Wz], lr=lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    Xt, Yt = torch.from_numpy(X), torch.from_numpy(Y)
+    for _ in range(epochs):
+        Z = Xt @ Wx + b
+        zc = Z[:, 3:] + Z[:, :3].detach() @ Wz
+        loss = (torch.nn.functional.cross_entropy(zc, Yt[:, 0])
+                + torch.nn.functional.cross_entropy(Z[:, :3], Yt[:, 1]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    np.testing.assert_allclose(heads.exp.W_x[0].numpy(), Wx.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(heads.exp.W_z[0].numpy(), Wz.detach().numpy(), atol=1e-5)
+
+
+def test_probe_spec_recipes():
+    from credanno.eval.probe import PROBE_RECIPES
+
+    assert set(PROBE_RECIPES) == {"tuned", "paper"} and ProbeSpec().recipe == "tuned"
+    with pytest.raises(CredannoError, match="unknown probe recipe"):
+        ProbeSpec(recipe="fast")
+    with pytest.raises(CredannoError, match="--recipe paper"):
+        ProbeSpec(lr=1e-3)
+    with pytest.raises(CredannoError, match="--recipe paper"):
+        ProbeSpec(select="val")
+    assert ProbeSpec(recipe="paper", lr=1e-3, select="val").lr == 1e-3
+
+
+def test_decide_maximises_the_metric_among_allowed_classes():
+    from credanno.eval.tuned import decide
+
+    flat = np.full((1, 5), 0.2)
+    assert decide(flat, 0)[0] == 0 and decide(flat, 1)[0] in (1, 2, 3)
+    assert decide(flat, 1, np.array([True, False, False, False, True]))[0] in (0, 4)
+    p = pd.DataFrame([[0.45, 0.0, 0.0, 0.3, 0.25]]).to_numpy()
+    assert decide(p, 0)[0] == 0 and decide(p, 1)[0] in (3, 4)
