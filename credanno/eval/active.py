@@ -104,8 +104,12 @@ class ActiveResult:
 
     def to_json(self) -> dict[str, Any]:
         """The run as one JSON-ready object."""
-        return {"params": self.params, "rounds": self.table().to_dict(orient="records"),
-                "accuracy": self.accuracy.to_dict(orient="records"),
+        def records(df: pd.DataFrame) -> list[dict[str, Any]]:
+            # NaN (no pseudo-labels in a round) is not JSON: null instead
+            return df.astype(object).where(df.notna(), None).to_dict(orient="records")
+
+        return {"params": self.params, "rounds": records(self.table()),
+                "accuracy": records(self.accuracy),
                 "labelled_rows": self.labelled.tolist()}
 
 
@@ -120,9 +124,7 @@ def check_spec(spec: ActiveSpec, n_train: int) -> tuple[int, int]:
     from credanno.eval.strategies import STRATEGIES, get_strategy
 
     for name, v in (("--start", spec.start), ("--budget", spec.budget)):
-        checks.finite(v, name, low=0, high=1, example="0.01")
-        if v <= 0:
-            raise CredannoError(f"{name} must be a label fraction in (0, 1], got {v:g}")
+        checks.finite(v, name, low=0, high=1, example="0.01")  # (0, 1]: 0 is refused
     n_start = max(1, int(round(spec.start * n_train)))
     n_budget = max(1, int(round(spec.budget * n_train)))
     if n_budget < n_start:
