@@ -69,13 +69,15 @@ class ActiveResult:
     """Every round of one run: ``rounds`` (round, n_labelled, budget_frac, n_queried,
     n_pseudo, pseudo_acc, seconds) and ``accuracy`` (round, label, acc, baseline, n_test);
     ``labelled``: training rows labelled in the order requested; ``pseudo``: the final
-    pseudo-labelled training rows and their malignancy classes; ``params``: what ran."""
+    pseudo-labelled training rows and their malignancy classes; ``params``: what ran;
+    ``model``: the final heads."""
 
     rounds: pd.DataFrame
     accuracy: pd.DataFrame
     labelled: np.ndarray
     pseudo: pd.DataFrame
     params: dict[str, Any] = field(default_factory=dict)
+    model: Any = field(default=None, repr=False)  # the final heads (JointLinearProbe)
 
     def table(self) -> pd.DataFrame:
         """One row per round: the round record and the test accuracy of every label."""
@@ -240,7 +242,7 @@ def run_active_arrays(train_x: np.ndarray, train_table: pd.DataFrame, test_x: np
                            "malignancy": loop.pseudo_y[:, 0] if len(loop.pseudo_rows)
                            else np.zeros(0, np.int64)})
     return ActiveResult(pd.DataFrame(rounds), pd.DataFrame(accs), loop.labelled.copy(),
-                        pseudo, params)
+                        pseudo, params, loop.model)
 
 
 class _Loop:
