@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
               "Train the paper's linear predictors (G_exp, G_cls) on stored features."),
     "select": ("credanno.commands.select", "select",
                "Choose which training images to label next (label-free, ranked)."),
+    "active": ("credanno.commands.active", "active",
+               "cRedAnno+ loop: seed set, pseudo-labels, labels requested over rounds."),
     "tsne": ("credanno.commands.tsne", "tsne", "t-SNE picture of a store's features."),
     "explore": ("credanno.commands.explore", "explore",
                 "One offline HTML page to explore a store's learned space, nodule by nodule."),

@@ -22,22 +22,25 @@ def test_demo_end_to_end_tiny(tmp_path, tiny_patch_file):
                     perplexity=10)
     lines = []
     res = run_demo(tmp_path / "demo", spec, on_stage=lines.append)
-    assert sum(ln.endswith("...") for ln in lines) == 8  # one progress line per stage
+    assert sum(ln.endswith("...") for ln in lines) == 9  # one progress line per stage
     assert set(res.stores) == {"teacher", "random", "pixels"}
     assert all(p.exists() for p in res.stores.values())
-    for name in ("tsne", "tsne_compare", "fig2", "fig4"):
+    for name in ("tsne", "tsne_compare", "fig2", "fig4", "budget"):
         assert res.figures[name].read_bytes()[:4] == b"\x89PNG", name
     report = res.report.read_text()
     assert "SYNTHETIC" in report and "Nothing in this report is a result on real CT" in report
     for encoder in ("DINO-pretrained teacher", "random weights", "raw pixels"):
         assert encoder in report
-    for rel in ("figures/tsne.png", "figures/fig2.png", "figures/fig4.png"):
+    assert "best label-free strategy's malignancy gain over random" in report
+    assert "real CT (LIDC-IDRI)" in report and (tmp_path / "demo/tables/budget.csv").exists()
+    for rel in ("figures/tsne.png", "figures/fig2.png", "figures/fig4.png",
+                "figures/budget.png"):
         assert f"]({rel})" in report
     assert "| HSCNN |" in report and "majority baseline" in report
     assert "The pretrained teacher beats same architecture, random weights in " in report
     assert (tmp_path / "demo" / "tables" / "table1_teacher.csv").exists()
     page = (tmp_path / "demo" / "report.html").read_text()  # the same, offline, + explorer
-    assert page.count('src="data:image/png;base64,') == 4 and "figure missing" not in page
+    assert page.count('src="data:image/png;base64,') == 5 and "figure missing" not in page
     assert '<iframe id="explorer"' in page and "credannoExplorer" in page
 
     # a second call reuses the finished run and the stores
@@ -200,7 +203,7 @@ def test_demo_prepare_is_declared_with_its_output_and_source(tmp_path):
     prepare = stages[0]
     assert prepare.outputs == (tmp_path / "demo" / "data" / "phantom.h5",)
     assert dict(prepare.params) == {"source": "phantom"}
-    assert [s.label for s in stages][-1] == "report" and len(stages) == 8
+    assert [s.label for s in stages][-1] == "report" and len(stages) == 9
 
 
 # -- the report template ----------------------------------------------------------------------

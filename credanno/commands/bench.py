@@ -212,3 +212,42 @@ def gpu(dry_run: bool, device: str | None, out: Path | None) -> None:
     if out:
         report = {"machine": machine, "dry_run": dry_run, "device": where, "rows": rows}
         click.echo(f"\nwrote {write_json(report, out, option='--out')}")
+
+
+@bench.command("budget", short_help="Label efficiency: budgets x strategies x methods x seeds.")
+@_STORE
+@seed_options(default_n=3)
+@click.option("--frac", "fracs", type=FRACS, default="0.005,0.01,0.02,0.05,0.1,1",
+              show_default=True, help="Labelling budgets as label fractions, comma-separated.")
+@click.option("--strategy", "strategies", multiple=True,
+              help="Label-free strategies, repeatable or comma-separated (default: random, "
+                   "kmeans, typiclust, probcover, coreset).")
+@click.option("--method", "methods", default="knn,probe,semi", show_default=True,
+              help="knn, probe and/or semi (probe + cRedAnno+ semi-supervised rounds).")
+@click.option("--k", type=POSITIVE, default=10, show_default=True)
+@click.option("--probe-epochs", type=POSITIVE, default=100, show_default=True)
+@click.option("--rounds", type=click.IntRange(0, 100), default=2, show_default=True,
+              help="Semi-supervised rounds (half the budget seeded, half requested).")
+@click.option("--kind", default="cls", show_default=True, help="Feature set.")
+@_DEVICE
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("results/budget.png"), show_default=True)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def budget(store: Path | None, seeds: list[int], fracs: list[float],
+           strategies: tuple[str, ...], methods: str, k: int, probe_epochs: int, rounds: int,
+           kind: str, device: str | None, out: Path, csv_path: Path | None) -> None:
+    """Accuracy against the labelling budget per label-free strategy (a generalised
+    Fig. 4, after cRedAnno+): k-NN, probe, probe + semi-supervised rounds."""
+    from credanno.bench.budget import BUDGET_STRATEGIES, BudgetSpec, run_budget
+
+    names = tuple(s.strip() for arg in strategies for s in arg.split(",") if s.strip())
+    spec = BudgetSpec(fracs=tuple(fracs), strategies=names or BUDGET_STRATEGIES,
+                      methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+                      seeds=tuple(seeds), k=k, probe_epochs=probe_epochs, semi_rounds=rounds,
+                      kind=kind, device=device)
+    result = run_budget(store, spec)
+    p = result.params
+    click.echo(f"Store {p['store']} ({p['kind']}), {p['n_train']} training images; seeds "
+               f"{list(seeds)}; {p['seconds']:.1f} s.\n")
+    click.echo("Malignancy accuracy (%), mean ± sd over seeds\n")
+    _echo_figure(result, out, csv_path)

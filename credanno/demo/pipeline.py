@@ -27,6 +27,10 @@ DEMO_FRACS: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 DEMO_CNN_FRACS: tuple[float, ...] = (0.01, 0.1, 1.0)
 #: a cheap end-to-end CNN for the demo's Fig. 4 (the bench default trains 30 epochs)
 DEMO_CNN: dict[str, Any] = {"arch": "resnet18", "epochs": 4, "min_steps": 40}
+#: the demo's reduced budget grid (``credanno bench budget`` runs 0.5%..100%): the two
+#: budgets the report compares strategies at, k-NN and the probe only (seconds, not minutes)
+DEMO_BUDGET_FRACS: tuple[float, ...] = (0.01, 0.1)
+DEMO_BUDGET_METHODS: tuple[str, ...] = ("knn", "probe")
 #: how each store is embedded (the checkpoint is added for the first two)
 _EMBED: dict[str, dict[str, Any]] = {"teacher": {"which": "teacher"},
                                      "random": {"which": "random"},
@@ -109,6 +113,7 @@ class _Demo:
     figures: dict[str, Path] = field(default_factory=dict)
     f2: Any = None
     f4: Any = None
+    budget: Any = None  # credanno.bench.budget.BudgetResult
 
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
@@ -125,7 +130,8 @@ def run_demo(out: str | os.PathLike = "demo", spec: DemoSpec | None = None, *,
     runner.run_all(declare_stages(d, runner))
     # the report's timing table cannot include the report stage itself; it takes < 1 s
     return DemoResult(out=d.out, report=d.path("report.md"), stores=d.stores,
-                      figures=d.figures, tables={"table1": d.t1, "fig2": d.f2, "fig4": d.f4},
+                      figures=d.figures, tables={"table1": d.t1, "fig2": d.f2, "fig4": d.f4,
+                              "budget": d.budget},
                       timings=runner.timings, cached=runner.reused, warnings=runner.warnings)
 
 
@@ -177,6 +183,8 @@ def declare_stages(d: _Demo, runner: StageRunner) -> list[Stage]:
         Stage("fig2", run=partial(_fig2, d), title="Fig. 2"),
         Stage("fig4", run=partial(_fig4, d), inputs=(d.patch, d.stores["teacher"]),
               title="Fig. 4 (with an end-to-end CNN baseline)"),
+        Stage("budget", run=partial(_budget, d), inputs=(d.stores["teacher"],),
+              title="labelling budget (label-free strategies vs random, 1% and 10%)"),
         Stage("report", run=partial(_report, d, runner), inputs=tuple(d.stores.values())),
     ]
 
@@ -268,13 +276,26 @@ def _fig4(d: _Demo) -> None:
     d.f4.to_csv(d.path("tables", "fig4.csv"), option="--out")
 
 
+def _budget(d: _Demo) -> None:
+    """``bench budget`` on the teacher, on the demo's reduced grid."""
+    from credanno.bench.budget import BudgetSpec, run_budget
+    from credanno.viz import save_figure
+
+    spec = BudgetSpec(fracs=DEMO_BUDGET_FRACS, methods=DEMO_BUDGET_METHODS,
+                      seeds=tuple(d.spec.seed_list), probe_epochs=d.spec.probe_epochs,
+                      device=d.device)
+    d.budget = run_budget(d.stores["teacher"], spec)
+    d.figures["budget"] = save_figure(d.budget.figure("knn"), d.path("figures", "budget.png"))
+    d.budget.to_csv(d.path("tables", "budget.csv"), option="--out")
+
+
 def _report(d: _Demo, runner: StageRunner) -> None:
     """The Table 1 CSVs, ``report.md`` and ``report.html``."""
     for name, res in d.t1.items():
         res.to_csv(d.path("tables", f"table1_{name}.csv"), option="--out")
     text = report_text(ReportInputs(
-        out=d.out, t1=d.t1, f2=d.f2, f4=d.f4, figures=d.figures, cfg=d.cfg, run=d.run,
-        patch=d.patch, seeds=d.spec.seed_list, timings=runner.timings,
+        out=d.out, t1=d.t1, f2=d.f2, f4=d.f4, budget=d.budget, figures=d.figures, cfg=d.cfg,
+        run=d.run, patch=d.patch, seeds=d.spec.seed_list, timings=runner.timings,
         reused=runner.reused, notes=runner.warnings))
     with atomic_path(d.path("report.md"), option="--out") as tmp:
         tmp.write_text(text, encoding="utf-8")

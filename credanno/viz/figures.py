@@ -213,6 +213,41 @@ def annotation_reduction_figure(curves: pd.DataFrame,
     return fig
 
 
+def budget_figure(curves: pd.DataFrame, title: str = "", caption: str = "") -> Figure:
+    """Accuracy (%) against the labelling budget on a log axis, one line per selection
+    strategy with a +/- 1 sd band over seeds (``credanno bench budget``, a generalised
+    Fig. 4 after cRedAnno+, Lu et al., ISBI 2023).
+
+    ``curves``: columns ``strategy, frac, mean, sd`` (accuracy fractions).
+    """
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    cmap = colormaps["tab10"]
+    for i, (name, g) in enumerate(curves.groupby("strategy", sort=False)):
+        g = g.sort_values("frac")
+        x = g["frac"].to_numpy() * 100
+        mean = g["mean"].to_numpy() * 100
+        sd = np.nan_to_num(g["sd"].to_numpy() * 100)
+        # random, the paper's draw, dashed: every other line is a label-free pick
+        ax.plot(x, mean, "--o" if name == "random" else "-o", color=cmap(i), lw=2, ms=5,
+                label=name)
+        ax.fill_between(x, mean - sd, mean + sd, color=cmap(i), alpha=0.15, linewidth=0)
+    ax.set_xscale("log")
+    ticks = sorted(set(curves["frac"].round(6)))
+    ax.set_xticks([t * 100 for t in ticks])
+    ax.set_xticklabels([f"{t * 100:g}%" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("labelling budget: annotated training images (log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8.5, frameon=False, loc="lower right")
+    ax.set_title(title or "accuracy vs labelling budget (mean ± sd over seeds)")
+    if caption:
+        fig.text(0.5, -0.01, caption, ha="center", va="top", fontsize=8.5, color="#444444",
+                 wrap=True)
+    return fig
+
+
 def save_figure(fig: Figure, out: str | os.PathLike, dpi: int = 150) -> Path:
     """Write ``fig`` to ``out`` (format from the extension: .png, .svg or .pdf), atomically."""
     out = Path(out)

@@ -1,0 +1,384 @@
+"""Learning from the unlabelled rest: the cRedAnno+ loop (``credanno active``).
+
+cRedAnno+ (Lu et al., "Annotation Exploitation in Self-Explanatory Lung Nodule Diagnosis",
+ISBI 2023) keeps the frozen features and the joint heads (G_exp per attribute, G_cls for
+malignancy) and changes how the few labels are chosen and used:
+
+1. *sparse seeding*: a label-free strategy (k-means by default) picks the seed set
+   (``start`` of the training images) and the heads train on it;
+2. *pseudo-labels*: every unlabelled training image whose malignancy confidence (max
+   softmax probability) exceeds ``threshold`` keeps the heads' predicted classes as labels;
+3. *semi-supervised active rounds*: over ``rounds`` rounds more true labels are requested
+   (by ``query``: least confidence, margin, or a label-free strategy complementing the
+   labelled set) until the total reaches ``budget``, and the heads are retrained on true
+   labels + pseudo-labels with a short schedule (*training quenching*, ``quench_epochs``).
+
+The store's labels act as the oracle: a training image's labels are read only once it is
+requested. Nothing here reads a test label except to score each round, and no model is
+selected at all (every fit keeps its last epoch), so the test split cannot leak into the
+loop; the public cRedAnno+ code picks epochs on the test split. Pseudo-labels are hard
+(argmax classes): :class:`~credanno.eval.probe.JointLinearProbe` trains on class indices,
+so the paper's soft option is not offered.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from credanno.errors import CredannoError
+
+#: model-based query rules; any label-free strategy of the registry is accepted too
+QUERY_RULES: tuple[str, ...] = ("least-confidence", "margin")
+
+
+@dataclass(frozen=True)
+class ActiveSpec:
+    """One cRedAnno+ run.
+
+    ``start``/``budget``: label fractions of the training split (in (0, 1]) of the seed set
+    and of the final labelled set (``budget >= start``); ``strategy``: the label-free seed
+    strategy; ``query``: a rule of :data:`QUERY_RULES` or a label-free strategy; ``rounds``:
+    active rounds (0: seed set + pseudo-labels only); ``threshold``: malignancy confidence a
+    pseudo-label needs; ``epochs``: the seed training; ``quench_epochs``: each round's
+    retraining; ``lr``: the heads' learning rate (the paper's partial-label 2.5e-4);
+    ``score_rounds``: score the test split after every round (False: the last only).
+    """
+
+    start: float = 0.01
+    budget: float = 0.02
+    strategy: str = "kmeans"
+    query: str = "least-confidence"
+    rounds: int = 5
+    threshold: float = 0.9
+    epochs: int = 100
+    quench_epochs: int = 10
+    lr: float = 2.5e-4
+    kind: str = "cls"
+    seed: int = 0
+    device: str | None = None
+    score_rounds: bool = True
+
+
+@dataclass
+class ActiveResult:
+    """Every round of one run: ``rounds`` (round, n_labelled, budget_frac, n_queried,
+    n_pseudo, pseudo_acc, seconds) and ``accuracy`` (round, label, acc, baseline, n_test);
+    ``labelled``: training rows labelled in the order requested; ``pseudo``: the final
+    pseudo-labelled training rows and their malignancy classes; ``params``: what ran;
+    ``model``: the final heads."""
+
+    rounds: pd.DataFrame
+    accuracy: pd.DataFrame
+    labelled: np.ndarray
+    pseudo: pd.DataFrame
+    params: dict[str, Any] = field(default_factory=dict)
+    model: Any = field(default=None, repr=False)  # the final heads (JointLinearProbe)
+
+    def table(self) -> pd.DataFrame:
+        """One row per round: the round record and the test accuracy of every label."""
+        wide = self.accuracy.pivot(index="round", columns="label", values="acc")
+        labels = list(dict.fromkeys(self.accuracy["label"]))
+        return self.rounds.merge(wide[labels].reset_index(), on="round")
+
+    def markdown(self) -> str:
+        """The rounds as a Markdown table (accuracies in %, constant baseline last)."""
+        from credanno.labels import label_spec
+
+        t = self.table()
+        labels = list(dict.fromkeys(self.accuracy["label"]))
+        head = ["round", "labelled", "queried", "pseudo", "pseudo acc",
+                *[label_spec(n).short for n in labels]]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+        for _, r in t.iterrows():
+            cells = [str(int(r["round"])), f"{int(r['n_labelled'])} ({r['budget_frac']:.1%})",
+                     str(int(r["n_queried"])), str(int(r["n_pseudo"])),
+                     _pct(r["pseudo_acc"]), *[_pct(r[n]) for n in labels]]
+            lines.append("| " + " | ".join(cells) + " |")
+        first = self.accuracy["round"].min()  # the baseline is the same every round
+        base = self.accuracy[self.accuracy["round"] == first].set_index("label")["baseline"]
+        lines.append("| constant | | | | | " + " | ".join(_pct(base[n]) for n in labels)
+                     + " |")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict[str, Any]:
+        """The run as one JSON-ready object."""
+        def records(df: pd.DataFrame) -> list[dict[str, Any]]:
+            # NaN (no pseudo-labels in a round) is not JSON: null instead
+            return df.astype(object).where(df.notna(), None).to_dict(orient="records")
+
+        return {"params": self.params, "rounds": records(self.table()),
+                "accuracy": records(self.accuracy),
+                "labelled_rows": self.labelled.tolist()}
+
+
+def _pct(v: float) -> str:
+    return "" if not np.isfinite(v) else f"{100 * v:.2f}"
+
+
+def check_spec(spec: ActiveSpec, n_train: int) -> tuple[int, int]:
+    """The seed and final label counts of ``spec`` on ``n_train`` training images; budgets
+    of 0, above the split, or below the seed set are one-line errors."""
+    from credanno import checks
+    from credanno.eval.strategies import STRATEGIES, get_strategy
+
+    for name, v in (("--start", spec.start), ("--budget", spec.budget)):
+        checks.finite(v, name, low=0, high=1, example="0.01")  # (0, 1]: 0 is refused
+    n_start = max(1, int(round(spec.start * n_train)))
+    n_budget = max(1, int(round(spec.budget * n_train)))
+    if n_budget < n_start:
+        raise CredannoError(f"--budget {spec.budget:g} ({n_budget} images) is below --start "
+                            f"{spec.start:g} ({n_start}); pass a budget >= the seed set")
+    if not 0 < spec.threshold <= 1:
+        raise CredannoError(f"--threshold must be in (0, 1], got {spec.threshold:g}")
+    if spec.rounds < 0:
+        raise CredannoError(f"--rounds must be >= 0, got {spec.rounds}")
+    for opt, name in (("--strategy", spec.strategy), ("--query", spec.query)):
+        if opt == "--query" and name in QUERY_RULES:
+            continue
+        strat = get_strategy(name)
+        if strat.reads_labels or "annotation" not in strat.modes:
+            free = [n for n, s in STRATEGIES.items() if not s.reads_labels
+                    and "annotation" in s.modes]
+            extra = ", ".join(QUERY_RULES) + ", " if opt == "--query" else ""
+            raise CredannoError(f"{opt} {name!r} cannot pick images one by one without "
+                                f"labels; choose one of {extra}{', '.join(free)}")
+    return n_start, n_budget
+
+
+def schedule(n_start: int, n_budget: int, rounds: int) -> list[int]:
+    """The labelled count after each round: from ``n_start`` up to exactly ``n_budget``,
+    in near-equal steps (rounds with nothing to add are dropped)."""
+    if rounds == 0 or n_budget == n_start:
+        return []
+    steps = [n_start + int(round((n_budget - n_start) * r / rounds)) for r in range(1, rounds + 1)]
+    return [s for i, s in enumerate(steps) if s > (steps[i - 1] if i else n_start)]
+
+
+class _Oracle:
+    """The store's training labels, handed out one image at a time as they are requested
+    (the rest stay hidden: used only to score the pseudo-labels afterwards)."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self._labels = labels
+
+    def ask(self, rows: np.ndarray) -> np.ndarray:
+        return self._labels[rows]
+
+    def score_pseudo(self, rows: np.ndarray, classes: np.ndarray) -> float:
+        """Malignancy accuracy of pseudo-labels against the hidden truth (rows labelled
+        -1 are left out)."""
+        true = self._labels[rows, 0]
+        ok = true >= 0
+        return float((classes[ok] == true[ok]).mean()) if ok.any() else float("nan")
+
+
+def run_active(store: Any, spec: ActiveSpec | None = None) -> ActiveResult:
+    """Run the cRedAnno+ loop of ``spec`` on ``store`` (a path, an open store, or None for
+    the newest under ``stores/``), the store's labels acting as the oracle."""
+    from credanno.eval.data import open_eval_data
+
+    spec = spec or ActiveSpec()
+    _kind_check(store, spec.kind)
+    with open_eval_data(store, spec.kind) as data:
+        return run_active_arrays(data.train_x, data.train_table, data.test_x,
+                                 data.test_table, data.labels, spec,
+                                 provenance={"store": data.paths["train"],
+                                             "kind": data.kind})
+
+
+def _kind_check(store: Any, kind: str) -> None:
+    """A store without the feature set asked for: one line naming the sets it has."""
+    from credanno.eval.data import _open
+
+    s, owned = _open(store)
+    try:
+        if kind not in s.feature_sets:
+            raise CredannoError(f"store {s.path} has no feature set {kind!r} (it has "
+                                f"{', '.join(s.feature_sets)}); pass --kind "
+                                f"{next(iter(s.feature_sets))}")
+    finally:
+        if owned:
+            s.close()
+
+
+def run_active_arrays(train_x: np.ndarray, train_table: pd.DataFrame, test_x: np.ndarray,
+                      test_table: pd.DataFrame, labels: list[str], spec: ActiveSpec,
+                      provenance: dict[str, Any] | None = None) -> ActiveResult:
+    """:func:`run_active` on arrays: training features and table (rows in order), test
+    features and table, the label columns (malignancy first)."""
+    if labels[0] != "malignancy":
+        raise CredannoError("the cRedAnno+ loop needs malignancy labels; the store has none")
+    from dataclasses import replace
+
+    from credanno.runtime import resolve_device
+
+    started = time.perf_counter()
+    n_start, n_budget = check_spec(spec, len(train_x))
+    spec = replace(spec, device=resolve_device(spec.device))
+    oracle = _Oracle(train_table[labels].to_numpy().astype(np.int64))
+    train_x = np.asarray(train_x, dtype=np.float32)
+    loop = _Loop(train_x, train_table, oracle, labels, spec)
+    loop.seed(n_start)
+    rounds, accs = [], []
+    steps = [n_start, *schedule(n_start, n_budget, spec.rounds)]
+    for r, target in enumerate(steps):
+        t0 = time.perf_counter()
+        queried = 0 if r == 0 else loop.query(target - len(loop.labelled))
+        loop.fit(spec.epochs if r == 0 else spec.quench_epochs, with_pseudo=r > 0)
+        n_pseudo, pseudo_acc = loop.refresh_pseudo()
+        rounds.append({"round": r, "n_labelled": len(loop.labelled),
+                       "budget_frac": len(loop.labelled) / len(train_x),
+                       "n_queried": queried, "n_pseudo": n_pseudo, "pseudo_acc": pseudo_acc,
+                       "seconds": round(time.perf_counter() - t0, 3)})
+        if spec.score_rounds or r == len(steps) - 1:
+            accs += _test_accuracy(loop.model, test_x, test_table, labels, r)
+    params = {"command": "credanno active", **asdict(spec), "n_train": len(train_x),
+              "n_start": n_start, "n_budget": n_budget, "n_test": len(test_x),
+              "pseudo_labels": "hard", "model_selection": "none (last epoch)",
+              "seconds": round(time.perf_counter() - started, 3), **(provenance or {})}
+    pseudo = pd.DataFrame({"row": loop.pseudo_rows,
+                           "malignancy": loop.pseudo_y[:, 0] if len(loop.pseudo_rows)
+                           else np.zeros(0, np.int64)})
+    return ActiveResult(pd.DataFrame(rounds), pd.DataFrame(accs), loop.labelled.copy(),
+                        pseudo, params, loop.model)
+
+
+class _Loop:
+    """The state of one run: labelled rows (in request order), their true labels, the
+    current pseudo-labels and heads."""
+
+    def __init__(self, x: np.ndarray, table: pd.DataFrame, oracle: _Oracle,
+                 labels: list[str], spec: ActiveSpec) -> None:
+        self.x, self.table, self.oracle, self.labels, self.spec = x, table, oracle, labels, spec
+        self.labelled = np.zeros(0, np.int64)
+        self.y = np.zeros((0, len(labels)), np.int64)
+        self.pseudo_rows = np.zeros(0, np.int64)
+        self.pseudo_y = np.zeros((0, len(labels)), np.int64)
+        self.conf = np.zeros(0)
+        self.model = None
+        self.probs: np.ndarray | None = None
+
+    def _pick(self, name: str, n: int) -> np.ndarray:
+        """``n`` new rows by a label-free registry strategy complementing the labelled."""
+        from credanno.eval.strategies import (
+            Selection,
+            SubsetContext,
+            _LazyFeatures,
+            get_strategy,
+            label_free,
+        )
+
+        ctx = SubsetContext(label_free(self.table), n, self.spec.seed, None, n, "annotation",
+                            None, _LazyFeatures(self.x), labelled=self.labelled,
+                            device=self.spec.device)
+        sel = get_strategy(name).select(ctx)
+        rows = np.asarray(sel.rows if isinstance(sel, Selection) else sel, dtype=np.int64)
+        if len(rows) != n or np.isin(rows, self.labelled).any():
+            raise CredannoError(f"strategy {name!r} returned {len(rows)} rows for {n} "
+                                "unlabelled images")
+        return rows
+
+    def _request(self, rows: np.ndarray) -> None:
+        self.labelled = np.concatenate([self.labelled, rows])
+        self.y = np.concatenate([self.y, self.oracle.ask(rows)])
+
+    def seed(self, n: int) -> None:
+        self._request(self._pick(self.spec.strategy, n))
+
+    def query(self, n: int) -> int:
+        """Request ``n`` more true labels by the query rule; returns ``n``."""
+        if n <= 0:
+            return 0
+        rule = self.spec.query
+        if rule not in QUERY_RULES:
+            self._request(self._pick(rule, n))
+            return n
+        free = np.setdiff1d(np.arange(len(self.x)), self.labelled)
+        p = np.sort(self.probs[free], axis=1)
+        # least confident first; margin: smallest gap between the two likeliest classes
+        score = p[:, -1] if rule == "least-confidence" else p[:, -1] - p[:, -2]
+        order = np.lexsort((free, score))  # ties broken by row: deterministic
+        self._request(free[order[:n]])
+        return n
+
+    def fit(self, epochs: int, with_pseudo: bool) -> None:
+        """Train the joint heads on the true labels (+ the current pseudo-labels)."""
+        from credanno.eval.probe import JointLinearProbe
+
+        keep = ~np.isin(self.pseudo_rows, self.labelled) if with_pseudo else np.zeros(
+            len(self.pseudo_rows), bool)
+        rows = np.concatenate([self.labelled, self.pseudo_rows[keep]])
+        y = np.concatenate([self.y, self.pseudo_y[keep]])
+        Y = pd.DataFrame(y, columns=self.labels)
+        self.model = JointLinearProbe(epochs=epochs, lr=self.spec.lr, seed=self.spec.seed,
+                                      device=self.spec.device).fit(self.x[rows], Y)
+
+    def refresh_pseudo(self) -> tuple[int, float]:
+        """Pseudo-label the unlabelled images the heads are confident about; returns their
+        number and their malignancy accuracy against the hidden labels."""
+        free = np.setdiff1d(np.arange(len(self.x)), self.labelled)
+        if not len(free):  # everything labelled: no pseudo-labels left
+            self.pseudo_rows = np.zeros(0, np.int64)
+            self.pseudo_y = np.zeros((0, len(self.labels)), np.int64)
+            return 0, float("nan")
+        probs = self.model.predict_proba(self.x[free])  # the unlabelled only: cheaper
+        self.probs = np.zeros((len(self.x), probs[0].shape[1]))
+        self.probs[free] = probs[0]
+        probs = [_scatter(p, free, len(self.x)) for p in probs]
+        conf = self.probs[free].max(axis=1)
+        rows = free[conf > self.spec.threshold]
+        self.pseudo_rows = rows
+        self.pseudo_y = np.stack([p[rows].argmax(axis=1) for p in probs], axis=1).astype(
+            np.int64) if len(rows) else np.zeros((0, len(self.labels)), np.int64)
+        acc = self.oracle.score_pseudo(rows, self.pseudo_y[:, 0]) if len(rows) else float(
+            "nan")
+        return len(rows), acc
+
+
+def _scatter(p: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
+    """(n, C) with ``p`` at ``rows`` and zeros elsewhere."""
+    out = np.zeros((n, p.shape[1]), p.dtype)
+    out[rows] = p
+    return out
+
+
+def _test_accuracy(model: Any, test_x: np.ndarray, test_table: pd.DataFrame,
+                   labels: list[str], r: int) -> list[dict[str, Any]]:
+    """Test accuracy per label (the paper's +/-1 for attributes) with the constant
+    baseline; the only place a test label is read."""
+    from credanno.eval.metrics import accuracy, baseline_accuracy
+    from credanno.labels import label_spec
+
+    probs = model.predict_proba(np.asarray(test_x, dtype=np.float32))
+    out = []
+    for i, name in enumerate(labels):
+        spec = label_spec(name)
+        true = test_table[name].to_numpy().astype(np.int64)
+        ok = true >= 0
+        pred = probs[i].argmax(axis=1)
+        out.append({"round": r, "label": name,
+                    "acc": accuracy(pred[ok], true[ok], spec.tolerance),
+                    "baseline": baseline_accuracy(true[ok], spec.n_classes, spec.tolerance),
+                    "n_test": int(ok.sum())})
+    return out
+
+
+def write_active(result: ActiveResult, *, json_path: str | os.PathLike | None = None,
+                 csv_path: str | os.PathLike | None = None) -> list[Path]:
+    """Write the rounds as JSON and/or CSV (one row per round) through
+    :mod:`credanno.outputs`."""
+    from credanno.outputs import write_csv, write_json
+
+    out = []
+    if json_path is not None:
+        out.append(write_json(result.to_json(), json_path, option="--json"))
+    if csv_path is not None:
+        out.append(write_csv(result.table(), csv_path, option="--csv", index=False))
+    return out

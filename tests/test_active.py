@@ -1,0 +1,116 @@
+"""`credanno active`, the cRedAnno+ loop: test labels never steer it (scrambled test labels
+give identical rounds, picks and pseudo-labels), the budget is reached exactly and never
+exceeded, the recorded pseudo-label accuracy matches an independent count, every round is
+recorded, and bad input is one line."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import cli_error
+
+from credanno import stores
+from credanno.cli import main
+from credanno.eval.active import ActiveSpec, run_active, schedule
+from credanno.eval.strategies import LABEL_COLUMNS
+from credanno.synthetic import synthetic_features, synthetic_table
+
+PROV = {"encoder": {"kind": "synthetic", "arch": "none", "sha256": "a" * 64}}
+SPEC = ActiveSpec(start=0.05, budget=0.15, rounds=3, epochs=20, quench_epochs=5,
+                  threshold=0.6, lr=0.05, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def table():
+    return synthetic_table(n_nodules=60, per_nodule=3, seed=0)
+
+
+def _save(path, table):
+    feats = {"cls": synthetic_features(table, dim=16, signal=2.0)}
+    return stores.save(path, features=feats, table=table, provenance=PROV)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, table):
+    return _save(tmp_path_factory.mktemp("act") / "s.h5", table)
+
+
+@pytest.fixture(scope="module")
+def scrambled_test(tmp_path_factory, table):
+    """The same store with every label column shuffled within the test split only."""
+    rng = np.random.default_rng(5)
+    t = table.copy()
+    test = (t["split"] == "test").to_numpy()
+    for col in LABEL_COLUMNS:
+        if col in t.columns:
+            t.loc[test, col] = rng.permutation(t.loc[test, col].to_numpy())
+    return _save(tmp_path_factory.mktemp("scr") / "s.h5", t)
+
+
+@pytest.mark.parametrize("query", ["least-confidence", "margin", "coreset"])
+def test_test_labels_never_steer_the_loop(store, scrambled_test, query):
+    spec = ActiveSpec(**{**SPEC.__dict__, "query": query})
+    a, b = run_active(store, spec), run_active(scrambled_test, spec)
+    np.testing.assert_array_equal(a.labelled, b.labelled)
+    pd.testing.assert_frame_equal(a.pseudo, b.pseudo)
+    cols = ["round", "n_labelled", "n_queried", "n_pseudo", "pseudo_acc"]
+    pd.testing.assert_frame_equal(a.rounds[cols], b.rounds[cols])
+    assert not a.accuracy["acc"].equals(b.accuracy["acc"])  # the scores did see the change
+
+
+def test_budget_reached_exactly_and_rounds_recorded(store, table):
+    res = run_active(store, SPEC)
+    n_train = int((table["split"] == "train").sum())
+    n_start, n_budget = round(0.05 * n_train), round(0.15 * n_train)
+    r = res.rounds
+    assert r["round"].tolist() == [0, 1, 2, 3]
+    assert r["n_labelled"].iloc[0] == n_start and r["n_labelled"].iloc[-1] == n_budget
+    assert (r["n_labelled"] <= n_budget).all() and r["n_labelled"].is_monotonic_increasing
+    assert r["n_queried"].sum() == n_budget - n_start
+    assert len(res.labelled) == len(np.unique(res.labelled)) == n_budget
+    assert set(res.accuracy["round"]) == {0, 1, 2, 3}
+    assert len(res.accuracy) == 4 * 9 and res.accuracy["baseline"].notna().all()
+    assert "| constant |" in res.markdown()
+
+
+def test_pseudo_label_accuracy_is_independent_count(store, table):
+    res = run_active(store, SPEC)
+    train = table[table["split"] == "train"].reset_index(drop=True)
+    p = res.pseudo
+    assert len(p) == res.rounds["n_pseudo"].iloc[-1] > 0
+    assert not np.isin(p["row"], res.labelled).any()  # pseudo-labels only on unlabelled
+    truth = train["malignancy"].to_numpy()[p["row"].to_numpy()]
+    expected = float(np.mean(truth == p["malignancy"].to_numpy()))
+    assert res.rounds["pseudo_acc"].iloc[-1] == pytest.approx(expected)
+
+
+def test_schedule_steps_up_to_the_budget():
+    assert schedule(19, 38, 5) == [23, 27, 30, 34, 38]
+    assert schedule(5, 7, 5) == [5 + 1, 7] or schedule(5, 7, 5)[-1] == 7
+    assert schedule(10, 10, 5) == [] and schedule(10, 20, 0) == []
+
+
+def test_cli_writes_json_and_csv(store, tmp_path, capsys):
+    out_j, out_c = tmp_path / "a.json", tmp_path / "a.csv"
+    main(["active", "--store", str(store), "--start", "0.05", "--budget", "0.1",
+          "--rounds", "2", "--epochs", "5", "--quench-epochs", "2", "--device", "cpu",
+          "--json", str(out_j), "--csv", str(out_c)])
+    assert "| round |" in capsys.readouterr().out
+    doc = json.loads(out_j.read_text())
+    assert [r["round"] for r in doc["rounds"]] == [0, 1, 2]
+    assert len(pd.read_csv(out_c)) == 3
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--budget", "0"], "--budget 0: must be in (0, 1]"),
+    (["--budget", "1.5"], "--budget"),
+    (["--start", "0.2", "--budget", "0.1"], "is below --start"),
+    (["--strategy", "nope"], "nope"),
+    (["--query", "nope"], "unknown subset strategy 'nope'; choose one of random"),
+    (["--query", "stratified"], "least-confidence, margin"),
+    (["--kind", "last4"], "has no feature set 'last4'"),
+])
+def test_bad_input_is_one_line(store, capsys, args, match):
+    line = cli_error(capsys, ["active", "--store", str(store), "--device", "cpu", *args])
+    assert match in line
