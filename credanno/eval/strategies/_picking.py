@@ -182,3 +182,23 @@ def nearest_available(x: np.ndarray, centre: np.ndarray, nearest: int,
     sims[~available] = -np.inf
     row = int(np.argmax(sims))
     return row, float(sims[row])
+
+
+def feature_start(ctx: SubsetContext) -> tuple[Picker, np.ndarray | None, np.ndarray]:
+    """The common start of the feature-space strategies: ``(picker, x, labelled)``.
+
+    When the budget covers every available row the picker has taken them all and ``x`` is
+    None (nothing to choose); else ``x`` are the unit features and ``labelled`` the rows
+    already labelled (int64).
+    """
+    picker = Picker(ctx)
+    if picker.take_all_if_within_budget():
+        return picker, None, np.empty(0, dtype=np.int64)
+    return picker, unit_features(ctx), np.asarray(ctx.labelled, dtype=np.int64)
+
+
+def cluster_count(x: np.ndarray, ctx: SubsetContext, labelled: np.ndarray) -> int:
+    """Clusters for a budget that complements ``labelled``: one per pick and per labelled
+    image (TypiClust, cRedAnno+), at most one per image."""
+    return min(len(x), ctx.budget + len(labelled))
+

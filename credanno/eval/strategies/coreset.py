@@ -10,16 +10,17 @@ from __future__ import annotations
 import numpy as np
 
 from credanno.eval.strategies import MODES, Selection, SubsetContext, register_strategy
-from credanno.eval.strategies._picking import Picker, neighbours, unit_features
+from credanno.eval.strategies._picking import (
+    feature_start,
+    neighbours,
+)
 
 
 @register_strategy("coreset", modes=MODES)
 def select(ctx: SubsetContext) -> Selection:
-    picker = Picker(ctx)
-    if picker.take_all_if_within_budget():
+    picker, x, labelled = feature_start(ctx)
+    if x is None:
         return picker.selection()
-    x = unit_features(ctx)
-    labelled = np.asarray(ctx.labelled, dtype=np.int64)
     if len(labelled):
         sims, _ = neighbours(x[labelled], x, 1, ctx.device)
         dist = 1.0 - sims[:, 0].astype(np.float64)

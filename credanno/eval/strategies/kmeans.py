@@ -15,10 +15,10 @@ import numpy as np
 
 from credanno.eval.strategies import MODES, Selection, SubsetContext, register_strategy
 from credanno.eval.strategies._picking import (
-    Picker,
+    cluster_count,
+    feature_start,
     nearest_available,
     spherical_kmeans,
-    unit_features,
 )
 
 
@@ -31,12 +31,10 @@ def cluster_order(assign: np.ndarray, k: int, labelled: np.ndarray) -> np.ndarra
 
 @register_strategy("kmeans", modes=MODES)
 def select(ctx: SubsetContext) -> Selection:
-    picker = Picker(ctx)
-    if picker.take_all_if_within_budget():
+    picker, x, labelled = feature_start(ctx)
+    if x is None:
         return picker.selection()
-    x = unit_features(ctx)
-    labelled = np.asarray(ctx.labelled, dtype=np.int64)
-    k = min(len(x), ctx.budget + len(labelled))
+    k = cluster_count(x, ctx, labelled)
     cl = spherical_kmeans(x, k, ctx.seed, ctx.device)
     order = cluster_order(cl.assign, k, labelled)
     # a centre whose nearest image is taken (labelled, an earlier centre's, a used nodule)

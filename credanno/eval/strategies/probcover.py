@@ -13,10 +13,9 @@ import numpy as np
 
 from credanno.eval.strategies import MODES, Selection, SubsetContext, register_strategy
 from credanno.eval.strategies._picking import (
-    Picker,
+    feature_start,
     neighbours,
     spherical_kmeans,
-    unit_features,
 )
 
 #: share of delta-balls that must be pure under the pseudo-classes (the paper's alpha)
@@ -59,15 +58,14 @@ def balls(x: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
 
 @register_strategy("probcover", modes=MODES)
 def select(ctx: SubsetContext) -> Selection:
-    picker = Picker(ctx)
-    if picker.take_all_if_within_budget():
+    picker, x, labelled = feature_start(ctx)
+    if x is None:
         return picker.selection()
-    x = unit_features(ctx)
     lims, members = balls(x, choose_delta(x, ctx.seed, ctx.device))
     n = len(x)
     covered = np.zeros(n, dtype=bool)
     gain = np.diff(lims)  # uncovered images in each ball
-    _cover(np.asarray(ctx.labelled, dtype=np.int64), lims, members, covered, gain)
+    _cover(labelled, lims, members, covered, gain)
     # ties between equal gains go to a seeded order, so seeds differ where the rule allows
     tiebreak = n - ctx.rng.permutation(n)
     while not picker.done:

@@ -13,10 +13,10 @@ import numpy as np
 
 from credanno.eval.strategies import MODES, Selection, SubsetContext, register_strategy
 from credanno.eval.strategies._picking import (
-    Picker,
+    cluster_count,
+    feature_start,
     neighbours,
     spherical_kmeans,
-    unit_features,
 )
 
 #: neighbours of the typicality estimate (the paper's K)
@@ -37,12 +37,10 @@ def typicality(x: np.ndarray, device: str | None = None) -> np.ndarray:
 
 @register_strategy("typiclust", modes=MODES)
 def select(ctx: SubsetContext) -> Selection:
-    picker = Picker(ctx)
-    if picker.take_all_if_within_budget():
+    picker, x, labelled = feature_start(ctx)
+    if x is None:
         return picker.selection()
-    x = unit_features(ctx)
-    labelled = np.asarray(ctx.labelled, dtype=np.int64)
-    k = min(len(x), ctx.budget + len(labelled))
+    k = cluster_count(x, ctx, labelled)
     assign = spherical_kmeans(x, k, ctx.seed, ctx.device).assign
     members = [np.flatnonzero(assign == c) for c in range(k)]
     size = np.array([len(m) for m in members])
