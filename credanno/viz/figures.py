@@ -171,6 +171,38 @@ def n_correct_figure(measured: Mapping[str, np.ndarray], reported: Mapping[str, 
     return fig
 
 
+def _band_curves(ax, curves: pd.DataFrame, by: str, band_alpha: float,
+                 dashed: str | None = None) -> None:
+    """One line per ``by`` group of ``curves`` (``frac, mean, sd`` as fractions) in percent,
+    with a +/- 1 sd band over seeds; the group named ``dashed`` is drawn dashed."""
+    cmap = colormaps["tab10"]
+    for i, (name, g) in enumerate(curves.groupby(by, sort=False)):
+        g = g.sort_values("frac")
+        x = g["frac"].to_numpy() * 100
+        mean = g["mean"].to_numpy() * 100
+        sd = np.nan_to_num(g["sd"].to_numpy() * 100)
+        ax.plot(x, mean, "--o" if name == dashed else "-o", color=cmap(i), lw=2, ms=5,
+                label=name)
+        ax.fill_between(x, mean - sd, mean + sd, color=cmap(i), alpha=band_alpha, linewidth=0)
+
+
+def _finish_budget_axes(fig: Figure, ax, ticks: list[float], labels: tuple[str, str],
+                        title: str, caption: str) -> None:
+    """Log x axis ticked at the label fractions, axis labels, grid, legend, title, caption."""
+    ax.set_xscale("log")
+    ax.set_xticks([t * 100 for t in ticks])
+    ax.set_xticklabels([f"{t * 100:g}%" for t in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8.5, frameon=False, loc="lower right")
+    ax.set_title(title)
+    if caption:
+        fig.text(0.5, -0.01, caption, ha="center", va="top", fontsize=8.5, color="#444444",
+                 wrap=True)
+
+
 def annotation_reduction_figure(curves: pd.DataFrame,
                                 reference: pd.DataFrame | None = None,
                                 caption: str = "") -> Figure:
@@ -182,14 +214,7 @@ def annotation_reduction_figure(curves: pd.DataFrame,
     """
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
-    cmap = colormaps["tab10"]
-    for i, (name, g) in enumerate(curves.groupby("series", sort=False)):
-        g = g.sort_values("frac")
-        x = g["frac"].to_numpy() * 100
-        mean = g["mean"].to_numpy() * 100
-        sd = np.nan_to_num(g["sd"].to_numpy() * 100)
-        ax.plot(x, mean, "-o", color=cmap(i), lw=2, ms=5, label=name)
-        ax.fill_between(x, mean - sd, mean + sd, color=cmap(i), alpha=0.18, linewidth=0)
+    _band_curves(ax, curves, "series", 0.18)
     if reference is not None and len(reference):
         # greys, so that published points are never read as one of our coloured curves
         styles = [("#444444", "D"), ("#9a9a9a", "s"), ("#444444", "^"), ("#9a9a9a", "v")]
@@ -197,19 +222,9 @@ def annotation_reduction_figure(curves: pd.DataFrame,
             colour, marker = styles[j % len(styles)]
             ax.plot(g["frac"].to_numpy() * 100, g["acc"].to_numpy() * 100, linestyle=":",
                     marker=marker, mfc="none", color=colour, ms=7, label=name)
-    ax.set_xscale("log")
-    ticks = sorted(set(curves["frac"].round(6)) | {0.01, 1.0})
-    ax.set_xticks([t * 100 for t in ticks])
-    ax.set_xticklabels([f"{t * 100:g}%" for t in ticks])
-    ax.minorticks_off()
-    ax.set_xlabel("annotated training images (log scale)")
-    ax.set_ylabel("malignancy accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8.5, frameon=False, loc="lower right")
-    ax.set_title("Fig. 4: annotation reduction (mean ± sd over seeds)")
-    if caption:
-        fig.text(0.5, -0.01, caption, ha="center", va="top", fontsize=8.5, color="#444444",
-                 wrap=True)
+    _finish_budget_axes(fig, ax, sorted(set(curves["frac"].round(6)) | {0.01, 1.0}),
+                        ("annotated training images (log scale)", "malignancy accuracy (%)"),
+                        "Fig. 4: annotation reduction (mean ± sd over seeds)", caption)
     return fig
 
 
@@ -222,29 +237,12 @@ def budget_figure(curves: pd.DataFrame, title: str = "", caption: str = "") -> F
     """
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
-    cmap = colormaps["tab10"]
-    for i, (name, g) in enumerate(curves.groupby("strategy", sort=False)):
-        g = g.sort_values("frac")
-        x = g["frac"].to_numpy() * 100
-        mean = g["mean"].to_numpy() * 100
-        sd = np.nan_to_num(g["sd"].to_numpy() * 100)
-        # random, the paper's draw, dashed: every other line is a label-free pick
-        ax.plot(x, mean, "--o" if name == "random" else "-o", color=cmap(i), lw=2, ms=5,
-                label=name)
-        ax.fill_between(x, mean - sd, mean + sd, color=cmap(i), alpha=0.15, linewidth=0)
-    ax.set_xscale("log")
-    ticks = sorted(set(curves["frac"].round(6)))
-    ax.set_xticks([t * 100 for t in ticks])
-    ax.set_xticklabels([f"{t * 100:g}%" for t in ticks])
-    ax.minorticks_off()
-    ax.set_xlabel("labelling budget: annotated training images (log scale)")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8.5, frameon=False, loc="lower right")
-    ax.set_title(title or "accuracy vs labelling budget (mean ± sd over seeds)")
-    if caption:
-        fig.text(0.5, -0.01, caption, ha="center", va="top", fontsize=8.5, color="#444444",
-                 wrap=True)
+    # random, the paper's draw, dashed: every other line is a label-free pick
+    _band_curves(ax, curves, "strategy", 0.15, dashed="random")
+    _finish_budget_axes(fig, ax, sorted(set(curves["frac"].round(6))),
+                        ("labelling budget: annotated training images (log scale)",
+                         "accuracy (%)"),
+                        title or "accuracy vs labelling budget (mean ± sd over seeds)", caption)
     return fig
 
 
