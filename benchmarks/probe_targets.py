@@ -19,6 +19,7 @@ synthetic store of the public split's size).
 from __future__ import annotations
 
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -97,12 +98,19 @@ def targets(data, name: str) -> pd.DataFrame:
     from credanno.eval.specs import ProbeSpec, SubsetSpec
 
     subsets = SubsetSpec(fracs=FRACS, seeds=SEEDS)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = {"tuned": probe_sweep(data, subsets, ProbeSpec(device="cpu"), n_boot=10),
-               "paper": probe_sweep(data, subsets, ProbeSpec(recipe="paper", device="cpu"),
-                                    n_boot=10),
-               "logreg": logreg_result(data, subsets)}
+    runs = {"tuned": lambda: probe_sweep(data, subsets, ProbeSpec(device="cpu"), n_boot=10),
+            "paper": lambda: probe_sweep(data, subsets, ProbeSpec(recipe="paper", device="cpu"),
+                                         n_boot=10),
+            "logreg": lambda: logreg_result(data, subsets)}
+    res = {}
+    for key, fn in runs.items():  # each part printed as it lands: a store takes minutes
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res[key] = fn()
+        part = res[key].results.groupby(["frac", "label"])["acc"].mean().mul(100).round(1)
+        print(f"# {name} {key}: {time.perf_counter() - t0:.0f} s\n"
+              f"{part.unstack('frac').to_string()}", file=sys.stderr, flush=True)
     keys = ["frac", "label"]
     out = res["tuned"].results.groupby(keys)[["acc", "baseline_acc"]].mean()
     out = out.rename(columns={"acc": "tuned", "baseline_acc": "const"})
