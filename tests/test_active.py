@@ -1,7 +1,7 @@
 """`credanno active`, the cRedAnno+ loop: test labels never steer it (scrambled test labels
 give identical rounds, picks and pseudo-labels), the budget is reached exactly and never
-exceeded, the recorded pseudo-label accuracy matches an independent count, every round is
-recorded, and bad input is one line."""
+exceeded, the recorded pseudo-label accuracy matches an independent count (hard and soft
+pseudo-labels), every round is recorded, and bad input is one line."""
 
 import json
 
@@ -48,15 +48,23 @@ def scrambled_test(tmp_path_factory, table):
     return _save(tmp_path_factory.mktemp("scr") / "s.h5", t)
 
 
-@pytest.mark.parametrize("query", ["least-confidence", "margin", "coreset"])
-def test_test_labels_never_steer_the_loop(store, scrambled_test, query):
-    spec = ActiveSpec(**{**SPEC.__dict__, "query": query})
+@pytest.mark.parametrize("query,pseudo", [("least-confidence", "hard"), ("margin", "hard"),
+                                          ("coreset", "hard"), ("least-confidence", "soft")])
+def test_test_labels_never_steer_the_loop(store, scrambled_test, table, query, pseudo):
+    spec = ActiveSpec(**{**SPEC.__dict__, "query": query, "pseudo": pseudo})
     a, b = run_active(store, spec), run_active(scrambled_test, spec)
     np.testing.assert_array_equal(a.labelled, b.labelled)
     pd.testing.assert_frame_equal(a.pseudo, b.pseudo)
     cols = ["round", "n_labelled", "n_queried", "n_pseudo", "pseudo_acc"]
     pd.testing.assert_frame_equal(a.rounds[cols], b.rounds[cols])
     assert not a.accuracy["acc"].equals(b.accuracy["acc"])  # the scores did see the change
+    assert a.params["pseudo"] == a.params["pseudo_labels"] == pseudo
+    if pseudo == "soft":  # the accuracy reported is the argmax's, against the hidden labels
+        train = table[table["split"] == "train"].reset_index(drop=True)
+        truth = train["malignancy"].to_numpy()[a.pseudo["row"].to_numpy()]
+        assert a.rounds["n_pseudo"].iloc[1:].gt(0).all()
+        assert a.rounds["pseudo_acc"].iloc[-1] == pytest.approx(
+            np.mean(truth == a.pseudo["malignancy"].to_numpy()))
 
 
 def test_budget_reached_exactly_and_rounds_recorded(store, table):
@@ -102,6 +110,35 @@ def test_cli_writes_json_and_csv(store, tmp_path, capsys):
     assert len(pd.read_csv(out_c)) == 3
 
 
+def test_cli_soft_pseudo_labels(store, tmp_path, capsys, monkeypatch):
+    """``--pseudo soft``: the pseudo-labelled rows train on every head's predicted
+    probabilities (the true labels stay hard); recorded in the JSON."""
+    from credanno.eval.estimator import JointLinearProbe
+
+    seen, fit = [], JointLinearProbe.fit
+
+    def spy(self, X, Y, *args, soft=None, **kw):
+        seen.append((len(Y), soft))
+        return fit(self, X, Y, *args, soft=soft, **kw)
+
+    monkeypatch.setattr(JointLinearProbe, "fit", spy)
+    out_j = tmp_path / "a.json"
+    main(["active", "--store", str(store), "--start", "0.05", "--budget", "0.1",
+          "--rounds", "2", "--threshold", "0.6", "--pseudo", "soft", "--device", "cpu",
+          "--json", str(out_j)])
+    assert "soft pseudo-labels" in capsys.readouterr().out
+    doc = json.loads(out_j.read_text())
+    assert doc["params"]["pseudo"] == "soft" and doc["params"]["pseudo_labels"] == "soft"
+    assert seen[0][1] is None  # the seed set: true labels only
+    n_rows, soft = seen[-1]
+    n_labelled = doc["rounds"][-1]["n_labelled"]
+    assert n_rows > n_labelled and len(soft) == 9  # one array per label
+    for q in soft:
+        assert np.isnan(q[:n_labelled]).all()
+        np.testing.assert_allclose(q[n_labelled:].sum(1), 1, atol=1e-5)
+    assert (soft[0][n_labelled:].max(1) > 0.6).all()  # malignancy-confident rows only
+
+
 @pytest.mark.parametrize("args,match", [
     (["--budget", "0"], "--budget 0: must be in (0, 1]"),
     (["--budget", "1.5"], "--budget"),
@@ -110,6 +147,7 @@ def test_cli_writes_json_and_csv(store, tmp_path, capsys):
     (["--query", "nope"], "unknown subset strategy 'nope'; choose one of random"),
     (["--query", "stratified"], "least-confidence, margin"),
     (["--kind", "last4"], "has no feature set 'last4'"),
+    (["--pseudo", "both"], "'both' is not one of 'hard', 'soft'"),
 ])
 def test_bad_input_is_one_line(store, capsys, args, match):
     line = cli_error(capsys, ["active", "--store", str(store), "--device", "cpu", *args])

@@ -197,3 +197,65 @@ def test_decide_maximises_the_metric_among_allowed_classes():
     assert decide(flat, 1, np.array([True, False, False, False, True]))[0] in (0, 4)
     p = pd.DataFrame([[0.45, 0.0, 0.0, 0.3, 0.25]]).to_numpy()
     assert decide(p, 0)[0] == 0 and decide(p, 1)[0] in (3, 4)
+
+
+def _soft_problem():
+    """Features, labels (two attributes + G_cls) and their layout, for soft targets."""
+    from credanno.eval.probe import HeadLayout
+
+    X, y, _, _ = _problem(1.0, seed=6, n=90, k=3)
+    rng = np.random.default_rng(6)
+    Y = np.stack([y, (X[:, 0] > 0).astype(int) + (X[:, 1] > 1), X[:, 2] > 0], 1).astype(int)
+    Y[rng.random(len(Y)) < 0.1, 1] = -1  # some missing attribute labels
+    return X, Y, HeadLayout(["a", "b", "malignancy"], [3, 3, 2], cls=2)
+
+
+def test_one_hot_soft_targets_fit_exactly_as_hard_labels():
+    """Soft targets that are one-hot give bit-identical tuned heads (weights, biases,
+    classes present, CV folds stratified on their argmax) to the hard labels, even where
+    the hard label is removed; all-NaN soft rows mean "the hard label"."""
+    import torch
+
+    from credanno.eval.probe import ProbeRun, soft_columns, train_joint_heads
+
+    X, Y, lay = _soft_problem()
+    rows = np.arange(0, 90, 2)
+    spec = ProbeSpec(device="cpu")
+    hard = train_joint_heads(X, Y, lay, [ProbeRun(rows)], spec)
+    pick = np.random.default_rng(0).random(len(Y)) < 0.5
+    soft_list = []
+    for i in range(3):
+        q = np.full((len(Y), lay.n_classes[i]), np.nan)
+        ok = pick & (Y[:, i] >= 0)
+        q[ok] = np.eye(lay.n_classes[i])[Y[ok, i]]
+        soft_list.append(q)
+    Ys = np.where(pick[:, None], -1, Y)  # the soft rows keep no hard label
+    soft = train_joint_heads(X, Ys, lay, [ProbeRun(rows)], spec,
+                             soft=soft_columns(lay, soft_list, len(Y)))
+    for a, b in zip((*hard.exp, hard.mask), (*soft.exp, soft.mask), strict=True):
+        assert torch.equal(a, b)
+    nan = train_joint_heads(X, Y, lay, [ProbeRun(rows)], spec,
+                            soft=np.full((len(Y), lay.width), np.nan))
+    assert torch.equal(nan.exp.W_x, hard.exp.W_x)
+
+
+def test_soft_targets_move_the_fit():
+    """A row with q = (0.5, 0.5) trains differently from its hard label; soft targets
+    need probabilities, the tuned recipe and the layout's shape."""
+    from credanno.eval.probe import JointLinearProbe
+
+    X, y, Xt, _ = _problem(1.0, seed=8, n=40, k=2)
+    q = np.full((len(y), 2), np.nan)
+    q[:5] = 0.5
+    hard = JointLinearProbe(Cs=(1.0,)).fit(X, y)
+    soft = JointLinearProbe(Cs=(1.0,)).fit(X, y, soft=q)
+    assert not np.allclose(hard.predict_proba(Xt), soft.predict_proba(Xt), atol=1e-4)
+    same = JointLinearProbe(Cs=(1.0,)).fit(X, y, soft=np.full((len(y), 2), np.nan))
+    np.testing.assert_array_equal(same.predict_proba(Xt), hard.predict_proba(Xt))
+    q[0] = (0.7, 0.7)
+    with pytest.raises(CredannoError, match="must be probabilities"):
+        JointLinearProbe(Cs=(1.0,)).fit(X, y, soft=q)
+    with pytest.raises(CredannoError, match="tuned recipe"):
+        JointLinearProbe(recipe="paper", epochs=1).fit(X, y, soft=np.full((40, 2), 0.5))
+    with pytest.raises(CredannoError, match="expected \\(40, 2\\)"):
+        JointLinearProbe().fit(X, y, soft=np.full((40, 3), 0.5))

@@ -29,8 +29,11 @@ from credanno.commands._types import POSITIVE, SEED, RegistryChoice
                    "label-free strategy (kmeans, typiclust, probcover, coreset, random).")
 @click.option("--rounds", type=click.IntRange(0, 1000), default=5, show_default=True)
 @click.option("--threshold", type=float, default=0.9, show_default=True,
-              help="Malignancy confidence an unlabelled image needs to be pseudo-labelled "
-                   "(hard labels).")
+              help="Malignancy confidence an unlabelled image needs to be pseudo-labelled.")
+@click.option("--pseudo", type=click.Choice(["hard", "soft"]), default="hard",
+              show_default=True,
+              help="Pseudo-labels as the heads' predicted classes (hard) or as every head's "
+                   "predicted probabilities, trained as soft targets (soft).")
 @click.option("--epochs", type=POSITIVE, default=100, show_default=True,
               help="Training epochs on the seed set.")
 @click.option("--quench-epochs", type=POSITIVE, default=10, show_default=True,
@@ -42,8 +45,8 @@ from credanno.commands._types import POSITIVE, SEED, RegistryChoice
 @click.option("--csv", "csv_path", type=PATH, default=None,
               help="Also write one row per round as CSV.")
 def active(store: Path | None, kind: str, start: float, budget: float, strategy: str,
-           query: str, rounds: int, threshold: float, epochs: int, quench_epochs: int,
-           seed: int, device: str | None, json_path: Path | None,
+           query: str, rounds: int, threshold: float, pseudo: str, epochs: int,
+           quench_epochs: int, seed: int, device: str | None, json_path: Path | None,
            csv_path: Path | None) -> None:
     """Seed with a label-free pick, pseudo-label the confident rest, request labels over
     rounds up to --budget; prints every round (labels used, pseudo-labels kept and their
@@ -51,13 +54,14 @@ def active(store: Path | None, kind: str, start: float, budget: float, strategy:
     from credanno.eval.active import ActiveSpec, run_active, write_active
 
     spec = ActiveSpec(start=start, budget=budget, strategy=strategy, query=query,
-                      rounds=rounds, threshold=threshold, epochs=epochs,
+                      rounds=rounds, threshold=threshold, pseudo=pseudo, epochs=epochs,
                       quench_epochs=quench_epochs, kind=kind, seed=seed, device=device)
     result = run_active(store, spec)
     p = result.params
     click.echo(f"cRedAnno+ loop on {p['store']} ({p['kind']}): seed {p['n_start']} images "
                f"by {strategy}, then {query} up to {p['n_budget']} of {p['n_train']}; "
-               f"pseudo-labels at confidence > {threshold:g}; accuracy (%) on the test split\n")
+               f"{pseudo} pseudo-labels at confidence > {threshold:g}; accuracy (%) on the "
+               "test split\n")
     click.echo(result.markdown())
     for path in write_active(result, json_path=json_path, csv_path=csv_path):
         click.echo(f"wrote {path}")

@@ -7,7 +7,9 @@ malignancy) and changes how the few labels are chosen and used:
 1. *sparse seeding*: a label-free strategy (k-means by default) picks the seed set
    (``start`` of the training images) and the heads train on it;
 2. *pseudo-labels*: every unlabelled training image whose malignancy confidence (max
-   softmax probability) exceeds ``threshold`` keeps the heads' predicted classes as labels;
+   softmax probability) exceeds ``threshold`` keeps the heads' predictions as labels:
+   the predicted classes (``pseudo="hard"``, the default) or the predicted probabilities
+   of every head as soft targets (``pseudo="soft"``, cRedAnno+'s option);
 3. *semi-supervised active rounds*: over ``rounds`` rounds more true labels are requested
    (by ``query``: least confidence, margin, or a label-free strategy complementing the
    labelled set) until the total reaches ``budget``, and the heads are retrained on true
@@ -16,9 +18,10 @@ malignancy) and changes how the few labels are chosen and used:
 The store's labels act as the oracle: a training image's labels are read only once it is
 requested. Nothing here reads a test label except to score each round, and no model is
 selected at all (every fit keeps its last epoch), so the test split cannot leak into the
-loop; the public cRedAnno+ code picks epochs on the test split. Pseudo-labels are hard
-(argmax classes): :class:`~credanno.eval.probe.JointLinearProbe` trains on class indices,
-so the paper's soft option is not offered.
+loop; the public cRedAnno+ code picks epochs on the test split. Soft pseudo-labels train
+the tuned recipe of :class:`~credanno.eval.probe.JointLinearProbe` on probability targets
+(cross-entropy ``-sum_c q_c log p_c``, :mod:`credanno.eval.tuned`); the pseudo-label
+accuracy reported per round is that of their most probable malignancy class either way.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from credanno.errors import CredannoError
 
 #: model-based query rules; any label-free strategy of the registry is accepted too
 QUERY_RULES: tuple[str, ...] = ("least-confidence", "margin")
+#: pseudo-label kinds: predicted classes, or every head's predicted probabilities
+PSEUDO_KINDS: tuple[str, ...] = ("hard", "soft")
 
 
 @dataclass(frozen=True)
@@ -46,9 +51,11 @@ class ActiveSpec:
     and of the final labelled set (``budget >= start``); ``strategy``: the label-free seed
     strategy; ``query``: a rule of :data:`QUERY_RULES` or a label-free strategy; ``rounds``:
     active rounds (0: seed set + pseudo-labels only); ``threshold``: malignancy confidence a
-    pseudo-label needs; ``epochs``: the seed training; ``quench_epochs``: each round's
-    retraining; ``lr``: the heads' learning rate (the paper's partial-label 2.5e-4);
-    ``score_rounds``: score the test split after every round (False: the last only).
+    pseudo-label needs; ``pseudo``: ``"hard"`` (predicted classes) or ``"soft"`` (every
+    head's predicted probabilities as soft targets); ``epochs``: the seed training;
+    ``quench_epochs``: each round's retraining; ``lr``: the heads' learning rate (the
+    paper's partial-label 2.5e-4); ``score_rounds``: score the test split after every
+    round (False: the last only).
     """
 
     start: float = 0.01
@@ -57,6 +64,7 @@ class ActiveSpec:
     query: str = "least-confidence"
     rounds: int = 5
     threshold: float = 0.9
+    pseudo: str = "hard"
     epochs: int = 100
     quench_epochs: int = 10
     lr: float = 2.5e-4
@@ -139,6 +147,8 @@ def check_spec(spec: ActiveSpec, n_train: int) -> tuple[int, int]:
         raise CredannoError(f"--threshold must be in (0, 1], got {spec.threshold:g}")
     if spec.rounds < 0:
         raise CredannoError(f"--rounds must be >= 0, got {spec.rounds}")
+    if spec.pseudo not in PSEUDO_KINDS:
+        raise CredannoError(f"--pseudo {spec.pseudo!r}: choose one of {', '.join(PSEUDO_KINDS)}")
     for opt, name in (("--strategy", spec.strategy), ("--query", spec.query)):
         if opt == "--query" and name in QUERY_RULES:
             continue
@@ -241,7 +251,7 @@ def run_active_arrays(train_x: np.ndarray, train_table: pd.DataFrame, test_x: np
             accs += _test_accuracy(loop.model, test_x, test_table, labels, r)
     params = {"command": "credanno active", **asdict(spec), "n_train": len(train_x),
               "n_start": n_start, "n_budget": n_budget, "n_test": len(test_x),
-              "pseudo_labels": "hard", "model_selection": "none (last epoch)",
+              "pseudo_labels": spec.pseudo, "model_selection": "none (last epoch)",
               "seconds": round(time.perf_counter() - started, 3), **(provenance or {})}
     pseudo = pd.DataFrame({"row": loop.pseudo_rows,
                            "malignancy": loop.pseudo_y[:, 0] if len(loop.pseudo_rows)
@@ -261,6 +271,7 @@ class _Loop:
         self.y = np.zeros((0, len(labels)), np.int64)
         self.pseudo_rows = np.zeros(0, np.int64)
         self.pseudo_y = np.zeros((0, len(labels)), np.int64)
+        self.pseudo_q: list[np.ndarray] = []  # per label: (n_pseudo, C_l) probabilities
         self.conf = np.zeros(0)
         self.model = None
         self.probs: np.ndarray | None = None
@@ -309,7 +320,8 @@ class _Loop:
         return n
 
     def fit(self, epochs: int, with_pseudo: bool) -> None:
-        """Train the joint heads on the true labels (+ the current pseudo-labels)."""
+        """Train the joint heads on the true labels (+ the current pseudo-labels: their
+        classes, or with ``pseudo="soft"`` their probabilities as soft targets)."""
         from credanno.eval.probe import JointLinearProbe
 
         keep = ~np.isin(self.pseudo_rows, self.labelled) if with_pseudo else np.zeros(
@@ -317,8 +329,12 @@ class _Loop:
         rows = np.concatenate([self.labelled, self.pseudo_rows[keep]])
         y = np.concatenate([self.y, self.pseudo_y[keep]])
         Y = pd.DataFrame(y, columns=self.labels)
+        soft = None
+        if self.spec.pseudo == "soft" and keep.any():  # true labels stay hard (NaN rows)
+            soft = [np.concatenate([np.full((len(self.labelled), q.shape[1]), np.nan),
+                                    q[keep]]) for q in self.pseudo_q]
         self.model = JointLinearProbe(epochs=epochs, lr=self.spec.lr, seed=self.spec.seed,
-                                      device=self.spec.device).fit(self.x[rows], Y)
+                                      device=self.spec.device).fit(self.x[rows], Y, soft=soft)
 
     def refresh_pseudo(self) -> tuple[int, float]:
         """Pseudo-label the unlabelled images the heads are confident about; returns their
@@ -327,6 +343,7 @@ class _Loop:
         if not len(free):  # everything labelled: no pseudo-labels left
             self.pseudo_rows = np.zeros(0, np.int64)
             self.pseudo_y = np.zeros((0, len(self.labels)), np.int64)
+            self.pseudo_q = []
             return 0, float("nan")
         probs = self.model.predict_proba(self.x[free])  # the unlabelled only: cheaper
         self.probs = np.zeros((len(self.x), probs[0].shape[1]))
@@ -335,6 +352,7 @@ class _Loop:
         conf = self.probs[free].max(axis=1)
         rows = free[conf > self.spec.threshold]
         self.pseudo_rows = rows
+        self.pseudo_q = [p[rows].astype(np.float64) for p in probs]
         self.pseudo_y = np.stack([p[rows].argmax(axis=1) for p in probs], axis=1).astype(
             np.int64) if len(rows) else np.zeros((0, len(self.labels)), np.int64)
         acc = self.oracle.score_pseudo(rows, self.pseudo_y[:, 0]) if len(rows) else float(

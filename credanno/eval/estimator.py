@@ -15,6 +15,7 @@ from credanno.eval.probe import (
     HeadLayout,
     ProbeRun,
     _predict_heads,
+    soft_columns,
     split_validation,
     train_joint_heads,
 )
@@ -77,10 +78,15 @@ class JointLinearProbe(BaseEstimator):
                          device=self.device)
 
     def fit(self, X: np.ndarray, Y, views: np.ndarray | None = None,
-            groups: np.ndarray | None = None) -> JointLinearProbe:
+            groups: np.ndarray | None = None, soft=None) -> JointLinearProbe:
         """Train on all rows of ``X`` (n, D) (paper recipe with ``select="val"``: hold out
-        ``val_frac``; tuned: CV folds keep whole ``groups``, e.g. nodules, when given)."""
+        ``val_frac``; tuned: CV folds keep whole ``groups``, e.g. nodules, when given).
+        ``soft``: optional soft targets, a list per label (Y's columns; one array for a
+        1-D ``Y``) of (n, C_l) probabilities or None; a NaN row keeps the hard label."""
         Yarr, layout, single = self._layout(Y)
+        if soft is not None and not isinstance(soft, (list, tuple)):
+            soft = [soft]
+        soft = soft_columns(layout, soft, len(Yarr))
         X = require_finite(np.asarray(X, dtype=np.float32), "features")
         spec = self._spec()
         rows = np.arange(len(X))
@@ -88,7 +94,7 @@ class JointLinearProbe(BaseEstimator):
         if self.recipe == "paper" and self.select == "val":
             rows, val = split_validation(rows, self.val_frac, self.seed)
         run = ProbeRun(rows, self.lr, self.seed, val, groups)
-        self.heads_ = train_joint_heads(X, Yarr, layout, [run], spec, views=views)
+        self.heads_ = train_joint_heads(X, Yarr, layout, [run], spec, views=views, soft=soft)
         self.layout_, self.single_output_ = layout, single
         self.classes_ = [np.arange(c) for c in layout.n_classes]
         return self

@@ -111,6 +111,27 @@ class HeadLayout:
         return slice(int(self.starts[h]), int(self.starts[h + 1]))
 
 
+def soft_columns(layout: HeadLayout, soft_list: Sequence[Any] | None, n: int) -> np.ndarray | None:
+    """Soft targets per label (a list in ``layout.names`` order of (n, C_l) probability
+    arrays or None) as one (n, W) array in the layout's columns; NaN (a None entry, or a
+    row left NaN) means "train on that row's hard label". None when no label has any."""
+    if soft_list is None or all(q is None for q in soft_list):
+        return None
+    if len(soft_list) != len(layout.names):
+        raise CredannoError(f"soft targets: {len(soft_list)} arrays for "
+                            f"{len(layout.names)} labels")
+    out = np.full((n, layout.width), np.nan)
+    for i, q in enumerate(soft_list):
+        if q is None:
+            continue
+        q = np.asarray(q, dtype=np.float64)
+        if q.shape != (n, layout.n_classes[i]):
+            raise CredannoError(f"soft targets of {layout.names[i]}: shape {q.shape}, "
+                                f"expected ({n}, {layout.n_classes[i]})")
+        out[:, layout.columns(i)] = q
+    return out
+
+
 class HeadParams(NamedTuple):
     """Parameters of C configurations' joint heads (torch tensors): ``W_x`` (C, D, W) maps
     the features to all logits, ``b`` (C, W) the biases, ``W_z`` (C, A, C_cls) feeds the
@@ -227,7 +248,7 @@ def _torch_threads(device: str, num_threads: int | None):
 def train_joint_heads(X: np.ndarray, Y: np.ndarray, layout: HeadLayout,
                       runs: Sequence[ProbeRun], spec: ProbeSpec | None = None, *,
                       views: np.ndarray | None = None, progress: bool = False,
-                      num_threads: int | None = 1) -> JointHeads:
+                      num_threads: int | None = 1, soft: np.ndarray | None = None) -> JointHeads:
     """Train the joint heads of every configuration in ``runs`` at once.
 
     ``X`` (n, D) features, ``Y`` (n, L) int labels (-1 missing, ignored by that head);
@@ -235,27 +256,35 @@ def train_joint_heads(X: np.ndarray, Y: np.ndarray, layout: HeadLayout,
     :class:`ProbeSpec`); ``views`` (V, n, D): stored augmented views, each sample then
     draws one view per visit. Runs with ``val_rows`` get each head's best epoch on those
     rows (the paper's +/-1 accuracy for attributes). ``num_threads``: see
-    :func:`_torch_threads`. Every configuration trains exactly as if it trained alone.
+    :func:`_torch_threads`. ``soft`` (n, W): optional soft targets in the layout's columns
+    (:func:`soft_columns`; NaN rows: the hard label). Every configuration trains exactly
+    as if it trained alone.
     """
     from credanno.eval.specs import ProbeSpec
 
     spec = ProbeSpec() if spec is None else spec
     with _torch_threads(spec.device, num_threads):
-        return PROBE_RECIPES[spec.recipe](X, Y, layout, list(runs), spec, views, progress)
+        return PROBE_RECIPES[spec.recipe](X, Y, layout, list(runs), spec, views, progress,
+                                          soft=soft)
 
 
 def _train_paper(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[ProbeRun],
-                 spec: ProbeSpec, views: np.ndarray | None, progress: bool) -> JointHeads:
+                 spec: ProbeSpec, views: np.ndarray | None, progress: bool,
+                 soft: np.ndarray | None = None) -> JointHeads:
     """The paper's recipe: minibatch SGD with momentum, cosine schedule, last (or best
     validation) epoch; all configurations as one batched model."""
+    if soft is not None:
+        raise CredannoError("soft targets need the tuned recipe (--recipe tuned)")
     return _BatchedTrainer(X, Y, layout, runs, spec, views).run(progress)
 
 
 def _train_tuned(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[ProbeRun],
-                 spec: ProbeSpec, views: np.ndarray | None, progress: bool) -> JointHeads:
+                 spec: ProbeSpec, views: np.ndarray | None, progress: bool,
+                 soft: np.ndarray | None = None) -> JointHeads:
     """The tuned recipe (:mod:`credanno.eval.tuned`): every configuration fitted to
     convergence with its penalty cross-validated inside its labelled rows. Trains on the
-    plain features (``views`` unused: the penalty, not augmentation, regularises)."""
+    plain features (``views`` unused: the penalty, not augmentation, regularises);
+    ``soft`` (n, W): soft targets in the layout's columns (NaN rows: the hard label)."""
     import torch
 
     from credanno.eval.tuned import fit_tuned_config
@@ -264,6 +293,9 @@ def _train_tuned(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[Pr
     n = len(X)
     Y = np.asarray(Y, dtype=np.int64).reshape(n, -1)
     f = _features(X, None, spec.standardize, dev)
+    if soft is not None and np.shape(soft) != (n, layout.width):
+        raise CredannoError(f"soft targets of shape {np.shape(soft)}, expected "
+                            f"({n}, {layout.width}) (see soft_columns)")
     fits, done = [], {}
     it = runs
     if progress:
@@ -278,9 +310,12 @@ def _train_tuned(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[Pr
         # float64 where it is cheap (small subsets): L-BFGS then converges tightly
         Xc = Xc.double() if Xc.numel() <= 1_000_000 and dev.type == "cpu" else Xc
         groups = None if r.groups is None else np.asarray(r.groups)
-        key = (rows.tobytes(), None if groups is None else groups.tobytes())
+        q = None if soft is None else np.asarray(soft, dtype=np.float64)[rows]
+        key = (rows.tobytes(), None if groups is None else groups.tobytes(),
+               None if q is None else q.tobytes())
         if key not in done:  # identical rows (e.g. all labels, every seed): one fit
-            done[key] = fit_tuned_config(Xc, Y[rows], layout, groups, spec.Cs, spec.cv_folds)
+            done[key] = fit_tuned_config(Xc, Y[rows], layout, groups, spec.Cs, spec.cv_folds,
+                                         soft=q)
         fits.append(done[key])
     return _stack_tuned(fits, layout, f, dev)
 

@@ -6,7 +6,10 @@ leaves the heads near their random start when only 1% of the images are labelled
 steps of a tiny rate. Here each configuration's heads are instead fitted to convergence:
 
 - the multinomial logistic loss of every head (``F.cross_entropy`` semantics, -1 labels
-  ignored) plus an L2 penalty, in scikit-learn's parametrisation: head h minimises
+  ignored; optional soft targets, e.g. pseudo-labels as probabilities, cost
+  ``-sum_c q_c log p_c`` as ``F.cross_entropy`` with probability targets, and their
+  probability mass counts towards the class priors and the classes present) plus an L2
+  penalty, in scikit-learn's parametrisation: head h minimises
   ``sum_i CE_i + ||W_h||^2 / (2 C)`` over its labelled rows (biases unpenalised);
 - biases start at the labelled rows' log class priors;
 - ``C`` is chosen per head from a grid by k-fold cross-validation **inside the labelled
@@ -36,6 +39,8 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from credanno.errors import CredannoError
 
 #: scikit-learn's C per head; the smallest is close to the constant prior guess
 TUNED_CS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -86,9 +91,12 @@ def _folds(y: np.ndarray, groups: np.ndarray | None, k: int, seed: int) -> np.nd
 
 
 class _Block(NamedTuple):
-    """Heads fitted together: labels (m, H) and each head's number of classes."""
+    """Heads fitted together: each row's target distribution per head ``Q`` (m, H, cmax)
+    (one-hot for a hard label, the given probabilities for a soft one, zero where the row
+    has neither), ``valid`` (m, H) where it has one, and each head's number of classes."""
 
-    Y: np.ndarray
+    Q: np.ndarray
+    valid: np.ndarray
     widths: list[int]
 
     @property
@@ -101,19 +109,60 @@ class _Block(NamedTuple):
         return np.concatenate([h * self.cmax + np.arange(w) for h, w in enumerate(self.widths)])
 
 
+def _soft_part(soft: np.ndarray | None, layout, i: int, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """Label ``i``'s soft targets (m, C_i) and the rows that have them (not all-NaN; none
+    without ``soft``); a soft row must be finite, non-negative and sum to 1."""
+    if soft is None:
+        return np.zeros((m, layout.n_classes[i])), np.zeros(m, bool)
+    q = np.asarray(soft[:, layout.columns(i)], dtype=np.float64)
+    has = ~np.isnan(q).all(axis=1)
+    qs = q[has]
+    if not (np.isfinite(qs).all() and (qs >= 0).all() and np.allclose(qs.sum(1), 1, atol=1e-3)):
+        raise CredannoError(f"soft targets of {layout.names[i]} must be probabilities (finite, "
+                            ">= 0, summing to 1 per row) or all-NaN rows (use the hard label)")
+    return q, has
+
+
+def _block(Y: np.ndarray, soft: np.ndarray | None, layout, heads: list[int]) -> _Block:
+    """The targets of labels ``heads``: the soft row where ``soft`` has one (the layout's
+    columns), else the hard label of ``Y`` (-1: none)."""
+    widths = [layout.n_classes[i] for i in heads]
+    m, cmax = len(Y), max(widths)
+    Q = np.zeros((m, len(heads), cmax))
+    valid = np.zeros((m, len(heads)), bool)
+    for h, i in enumerate(heads):
+        y = Y[:, i]
+        ok = y >= 0
+        Q[np.flatnonzero(ok), h, y[ok]] = 1.0
+        q, has = _soft_part(soft, layout, i, m)
+        Q[has, h] = 0.0
+        Q[has, h, :widths[h]] = q[has]
+        valid[:, h] = ok | has
+    return _Block(Q, valid, widths)
+
+
+def _strat_labels(Y: np.ndarray, soft: np.ndarray | None, layout, i: int) -> np.ndarray:
+    """What the CV folds stratify on: label ``i``'s hard label, else its soft target's
+    most probable class, else -1."""
+    y = np.asarray(Y[:, i], dtype=np.int64).copy()
+    q, has = _soft_part(soft, layout, i, len(y))
+    fill = has & (y < 0)
+    y[fill] = q[fill].argmax(axis=1)
+    return y
+
+
 def _class_stats(block: _Block, train, dtype):
     """Per problem (any leading shape S) and head: row weights (*S, m, H), labelled counts
     (*S, H), log priors (*S, G) and allowed classes (*S, G) of its training rows,
-    G = H * cmax."""
+    G = H * cmax; class counts sum the target probabilities (one-hot for hard labels)."""
     import torch
 
     dev = train.device
-    Y = torch.as_tensor(block.Y, device=dev)
     H, cmax = len(block.widths), block.cmax
-    valid = (Y >= 0).to(dtype)
+    valid = torch.as_tensor(block.valid, device=dev).to(dtype)
     wt = train.to(dtype)[..., None] * valid
-    onehot = torch.nn.functional.one_hot(Y.clamp_min(0), cmax).to(dtype) * valid[..., None]
-    counts = torch.einsum("...mh,mhc->...hc", wt, onehot)
+    Q = torch.as_tensor(block.Q, dtype=dtype, device=dev)  # soft mass counts as present
+    counts = torch.einsum("...mh,mhc->...hc", wt, Q)
     n = wt.sum(-2)
     inside = (torch.arange(cmax, device=dev)[None, :]
               < torch.as_tensor(block.widths, device=dev)[:, None])
@@ -162,7 +211,7 @@ def _lbfgs(F, block: _Block, train, C, max_iter: int, init=None):
         theta = theta + init[0] / scale
         b = torch.where(allowed, init[1].expand_as(b), b)
     theta, b = theta.requires_grad_(), b.requires_grad_()
-    y = torch.as_tensor(block.Y, device=F.device).clamp_min(0)[:, :, None]
+    q = torch.as_tensor(block.Q, dtype=F.dtype, device=F.device)  # (m, H, cmax)
     w = wt / n.clamp_min(1)[..., None, :]  # (Kf, P, m, H): mean CE per head
     opt = torch.optim.LBFGS([theta, b], lr=1, max_iter=max_iter, history_size=10,
                             tolerance_grad=1e-5, tolerance_change=1e-8,
@@ -173,7 +222,9 @@ def _lbfgs(F, block: _Block, train, C, max_iter: int, init=None):
         beta = theta * scale
         Z = _logits(F, beta, b).masked_fill(~allowed[:, :, None, :], _NEG)
         logp = torch.log_softmax(Z.view(Kf, P, m, H, cmax), -1)
-        logp = logp.gather(-1, y.expand(Kf, P, m, H, 1))[..., 0]
+        # -sum_c q_c log p_c: F.cross_entropy with probability targets (one-hot: the
+        # hard label's, exactly: the other terms are exact zeros)
+        logp = (logp * q).sum(-1)
         loss = -(logp * w).sum() + 0.5 * (lam * beta ** 2).sum()
         loss.backward()
         return loss
@@ -183,9 +234,10 @@ def _lbfgs(F, block: _Block, train, C, max_iter: int, init=None):
 
 
 def _cv_loss(F, fit, block: _Block, train) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out log loss summed per head (H,) over the folds, and the number of held-out
-    labels. Probabilities are mixed with 1% of a uniform guess, so a class absent from a
-    fold's training part costs a bounded amount."""
+    """Held-out log loss (cross-entropy of the targets, soft or one-hot) summed per head
+    (H,) over the folds, and the number of held-out labels. Probabilities are mixed with
+    1% of a uniform guess, so a class absent from a fold's training part costs a bounded
+    amount."""
     import torch
 
     beta, b, allowed = fit
@@ -193,11 +245,10 @@ def _cv_loss(F, fit, block: _Block, train) -> tuple[np.ndarray, np.ndarray]:
     with torch.no_grad():
         Z = _logits(F, beta, b).masked_fill(~allowed[:, :, None, :], -np.inf)
         P = torch.softmax(Z.view(*Z.shape[:3], H, cmax), -1).cpu().numpy()
-    Y = block.Y
     P = 0.99 * P + 0.01 / np.asarray(block.widths)[:, None]
-    p_true = np.take_along_axis(P, np.maximum(Y, 0)[None, None, :, :, None], -1)[..., 0]
-    val = ~train.cpu().numpy()[..., None] & (Y >= 0)  # (Kf, P, m, H)
-    return np.where(val, -np.log(p_true), 0).sum((0, 1, 2)), val.sum((0, 1, 2))
+    ce = -(block.Q * np.log(P)).sum(-1)  # soft targets' cross-entropy (one-hot: -log p_y)
+    val = ~train.cpu().numpy()[..., None] & block.valid  # (Kf, P, m, H)
+    return np.where(val, ce, 0).sum((0, 1, 2)), val.sum((0, 1, 2))
 
 
 def decide(proba: np.ndarray, tol: int, allowed: np.ndarray | None = None) -> np.ndarray:
@@ -290,9 +341,11 @@ def _basis(Xc):
 
 def fit_tuned_config(Xc, Y: np.ndarray, layout, groups: np.ndarray | None,
                      Cs: tuple[float, ...] = TUNED_CS, folds: int = CV_FOLDS,
-                     max_iter: int = MAX_ITER):
+                     max_iter: int = MAX_ITER, soft: np.ndarray | None = None):
     """The tuned heads of one labelled subset: ``Xc`` (m, D) its standardised features
-    (torch), ``Y`` (m, L) its labels, ``groups`` its rows' nodules (or None). Returns
+    (torch), ``Y`` (m, L) its labels, ``groups`` its rows' nodules (or None), ``soft``
+    (m, W) optional soft targets in the layout's columns (a label's all-NaN row: its hard
+    label; see :func:`credanno.eval.probe.soft_columns`). Returns
     ``(W_x (D, W), b (W,), W_z (A, C_cls) or None, allowed (W,))`` in the layout's columns.
     Deterministic in its rows: the same subset gives the same heads, whatever the seed."""
     import torch
@@ -301,11 +354,11 @@ def fit_tuned_config(Xc, Y: np.ndarray, layout, groups: np.ndarray | None,
     F, V = _basis(Xc)
     heads = list(layout.order)
     exp_heads = heads[:-1] if layout.cls is not None else heads
-    masks = _folds(Y[:, heads[-1]], groups, min(folds, m), seed=0)[1:]
+    masks = _folds(_strat_labels(Y, soft, layout, heads[-1]), groups, min(folds, m), 0)[1:]
     if m > HOLDOUT_ROWS:  # many rows: one held-out fold scores the penalty well enough
         masks = masks[:1]
     cv = _Cv(torch.as_tensor(masks, device=F.device), tuple(Cs)) if len(masks) else None
-    block = _Block(Y[:, exp_heads], [layout.n_classes[i] for i in exp_heads])
+    block = _block(Y, soft, layout, exp_heads)
     Wx, bx, allowed, per_fold = _fit_block(F, F[None], block, cv, max_iter)
     Wz = None
     if layout.cls is not None:
@@ -314,7 +367,7 @@ def fit_tuned_config(Xc, Y: np.ndarray, layout, groups: np.ndarray | None,
         if cv is not None:  # each fold's G_cls sees z_exp of heads fitted on its part only
             Fk = torch.cat([F.expand(len(masks), *F.shape),
                             torch.matmul(F, per_fold[0]) + per_fold[1][:, None, :]], -1)
-        blk2 = _Block(Y[:, [layout.cls]], [layout.n_classes[layout.cls]])
+        blk2 = _block(Y, soft, layout, [layout.cls])
         F2 = torch.cat([F, F @ Wx + bx], -1)
         W2, b2, al2, _ = _fit_block(F2, Fk, blk2, cv, max_iter)
         Wx, bx = torch.cat([Wx, W2[:d]], -1), torch.cat([bx, b2])
