@@ -22,7 +22,7 @@ def test_demo_end_to_end_tiny(tmp_path, tiny_patch_file):
                     perplexity=10)
     lines = []
     res = run_demo(tmp_path / "demo", spec, on_stage=lines.append)
-    assert sum(ln.endswith("...") for ln in lines) == 9  # one progress line per stage
+    assert sum(ln.endswith("...") for ln in lines) == 10  # one progress line per stage
     assert set(res.stores) == {"teacher", "random", "pixels"}
     assert all(p.exists() for p in res.stores.values())
     for name in ("tsne", "tsne_compare", "fig2", "fig4", "budget"):
@@ -32,6 +32,10 @@ def test_demo_end_to_end_tiny(tmp_path, tiny_patch_file):
     for encoder in ("DINO-pretrained teacher", "random weights", "raw pixels"):
         assert encoder in report
     assert "best label-free strategy's malignancy gain over random" in report
+    # both probe recipes beside the constant, per label, with the 3-point verdict
+    assert "| label | tuned 10% | paper 10% | const 10% |" in report
+    assert "Attributes more than 3 points below the constant" in report
+    assert (tmp_path / "demo/tables/probe_recipes.csv").exists()
     assert "real CT (LIDC-IDRI)" in report and (tmp_path / "demo/tables/budget.csv").exists()
     for rel in ("figures/tsne.png", "figures/fig2.png", "figures/fig4.png",
                 "figures/budget.png"):
@@ -203,7 +207,7 @@ def test_demo_prepare_is_declared_with_its_output_and_source(tmp_path):
     prepare = stages[0]
     assert prepare.outputs == (tmp_path / "demo" / "data" / "phantom.h5",)
     assert dict(prepare.params) == {"source": "phantom"}
-    assert [s.label for s in stages][-1] == "report" and len(stages) == 9
+    assert [s.label for s in stages][-1] == "report" and len(stages) == 10
 
 
 # -- the report template ----------------------------------------------------------------------

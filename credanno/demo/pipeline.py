@@ -114,6 +114,7 @@ class _Demo:
     f2: Any = None
     f4: Any = None
     budget: Any = None  # credanno.bench.budget.BudgetResult
+    recipes: Any = None  # credanno.bench.recipes.RecipeComparison
 
     def path(self, *parts: str) -> Path:
         return self.out.joinpath(*parts)
@@ -131,7 +132,7 @@ def run_demo(out: str | os.PathLike = "demo", spec: DemoSpec | None = None, *,
     # the report's timing table cannot include the report stage itself; it takes < 1 s
     return DemoResult(out=d.out, report=d.path("report.md"), stores=d.stores,
                       figures=d.figures, tables={"table1": d.t1, "fig2": d.f2, "fig4": d.f4,
-                              "budget": d.budget},
+                              "budget": d.budget, "recipes": d.recipes},
                       timings=runner.timings, cached=runner.reused, warnings=runner.warnings)
 
 
@@ -183,6 +184,8 @@ def declare_stages(d: _Demo, runner: StageRunner) -> list[Stage]:
         Stage("fig2", run=partial(_fig2, d), title="Fig. 2"),
         Stage("fig4", run=partial(_fig4, d), inputs=(d.patch, d.stores["teacher"]),
               title="Fig. 4 (with an end-to-end CNN baseline)"),
+        Stage("recipes", run=partial(_recipes, d), inputs=(d.stores["teacher"],),
+              title="probe recipes (tuned vs the paper's, 1%, 10%, 100%)"),
         Stage("budget", run=partial(_budget, d), inputs=(d.stores["teacher"],),
               title="labelling budget (label-free strategies vs random, 1% and 10%)"),
         Stage("report", run=partial(_report, d, runner), inputs=tuple(d.stores.values())),
@@ -276,6 +279,14 @@ def _fig4(d: _Demo) -> None:
     d.f4.to_csv(d.path("tables", "fig4.csv"), option="--out")
 
 
+def _recipes(d: _Demo) -> None:
+    """Both probe recipes on the teacher at 1%, 10% and 100% labels."""
+    from credanno.bench.recipes import run_recipes
+
+    d.recipes = run_recipes(d.stores["teacher"], seeds=d.spec.seed_list, device=d.device)
+    d.recipes.to_csv(d.path("tables", "probe_recipes.csv"), option="--out")
+
+
 def _budget(d: _Demo) -> None:
     """``bench budget`` on the teacher, on the demo's reduced grid."""
     from credanno.bench.budget import BudgetSpec, run_budget
@@ -294,7 +305,8 @@ def _report(d: _Demo, runner: StageRunner) -> None:
     for name, res in d.t1.items():
         res.to_csv(d.path("tables", f"table1_{name}.csv"), option="--out")
     text = report_text(ReportInputs(
-        out=d.out, t1=d.t1, f2=d.f2, f4=d.f4, budget=d.budget, figures=d.figures, cfg=d.cfg,
+        out=d.out, t1=d.t1, f2=d.f2, f4=d.f4, budget=d.budget, recipes=d.recipes,
+        figures=d.figures, cfg=d.cfg,
         run=d.run, patch=d.patch, seeds=d.spec.seed_list, timings=runner.timings,
         reused=runner.reused, notes=runner.warnings))
     with atomic_path(d.path("report.md"), option="--out") as tmp:

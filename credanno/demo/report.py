@@ -51,6 +51,7 @@ class ReportInputs:
     reused: dict[str, bool] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     budget: Any = None  # credanno.bench.budget.BudgetResult (the budget stage)
+    recipes: Any = None  # credanno.bench.recipes.RecipeComparison (the recipes stage)
 
 
 def report_template() -> Template:
@@ -80,6 +81,7 @@ def report_fields(r: ReportInputs) -> dict[str, str]:
         "fig4_table": r.f4.markdown(),
         "fig4_caption": r.f4.caption(markdown=True),
         **budget_fields(r),
+        **recipe_fields(r),
         "stages_table": stages_markdown(r.timings, r.reused),
         "warnings": warnings_markdown(r.notes),
         **{f"fig_{k}": os.path.relpath(r.figures[k], r.out) for k in FIGURES},
@@ -108,6 +110,23 @@ def budget_fields(r: ReportInputs) -> dict[str, str]:
     rel = os.path.relpath(r.figures["budget"], r.out)
     return {"budget_table": b.markdown(), "budget_sentence": sentence,
             "budget_figure": f"![malignancy accuracy vs labelling budget]({rel})"}
+
+
+def recipe_fields(r: ReportInputs) -> dict[str, str]:
+    """The probe-recipe section: tuned vs the paper's recipe vs the constant, per label,
+    and which attributes fall more than 3 points below the constant."""
+    c = r.recipes
+    if c is None:
+        return {"recipe_table": "(the recipes stage did not run)", "recipe_verdict": ""}
+    parts = []
+    for recipe in ("tuned", "paper"):
+        low = c.shortfalls(3.0).query("recipe == @recipe")
+        items = [f"{md_text(x.label)} at {x.frac:.0%} ({x.below_const:.1f} points)"
+                 for x in low.itertuples()]
+        parts.append(f"{recipe} recipe: " + ("; ".join(items) if items else "none"))
+    verdict = ("Attributes more than 3 points below the constant at 1% or 10% labels: "
+               + "; ".join(parts) + ".")
+    return {"recipe_table": c.markdown(), "recipe_verdict": verdict}
 
 
 def _header_fields(r: ReportInputs) -> dict[str, str]:
