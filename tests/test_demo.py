@@ -33,7 +33,7 @@ def test_demo_end_to_end_tiny(tmp_path, tiny_patch_file):
         assert encoder in report
     assert "best label-free strategy's malignancy gain over random" in report
     # both probe recipes beside the constant, per label, with the 3-point verdict
-    assert "| label | tuned 10% | paper 10% | const 10% |" in report
+    assert "| tuned 10% | paper 10% | const 10% |" in report
     assert "Attributes more than 3 points below the constant" in report
     assert (tmp_path / "demo/tables/probe_recipes.csv").exists()
     assert "real CT (LIDC-IDRI)" in report and (tmp_path / "demo/tables/budget.csv").exists()
