@@ -317,7 +317,8 @@ class _Loop:
         rows = np.concatenate([self.labelled, self.pseudo_rows[keep]])
         y = np.concatenate([self.y, self.pseudo_y[keep]])
         Y = pd.DataFrame(y, columns=self.labels)
-        self.model = JointLinearProbe(epochs=epochs, lr=self.spec.lr, seed=self.spec.seed,
+        # the default (tuned) recipe: it has no epochs or lr to pass
+        self.model = JointLinearProbe(seed=self.spec.seed,
                                       device=self.spec.device).fit(self.x[rows], Y)
 
     def refresh_pseudo(self) -> tuple[int, float]:
