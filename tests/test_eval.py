@@ -16,7 +16,7 @@ from credanno.eval.knn import (
     knn_sweep,
     knn_vote,
 )
-from credanno.eval.specs import KnnSpec, ProbeSpec, SubsetSpec
+from credanno.eval.specs import KnnSpec, PaperRecipe, ProbeSpec, SubsetSpec
 from credanno.eval.subsets import label_subset
 from credanno.labels import LABEL_NAMES
 from credanno.synthetic import synthetic_features, synthetic_table
@@ -294,7 +294,7 @@ def test_probe_matches_logistic_regression_on_separable_data():
     y = (X @ w > 0).astype(int)
     Xt = rng.normal(size=(200, 20)).astype(np.float32)
     yt = (Xt @ w > 0).astype(int)
-    probe = JointLinearProbe(recipe="paper", epochs=60, lr=0.05).fit(X, y)
+    probe = JointLinearProbe(recipe="paper", paper=PaperRecipe(epochs=60, lr=0.05)).fit(X, y)
     sk = LogisticRegression(C=100, max_iter=1000).fit(X, y)
     assert probe.score(Xt, yt) > 0.95 and sk.score(Xt, yt) > 0.95
     proba = probe.predict_proba(Xt)
@@ -302,7 +302,8 @@ def test_probe_matches_logistic_regression_on_separable_data():
 
 
 def test_joint_probe_gradients_match_autograd():
-    """Hand-written batched gradients == torch autograd + torch.optim.SGD on Eq. 3."""
+    """The trained module (one nn.Linear per head, fused SGD) == Eq. 3 written out on raw
+    tensors with autograd, torch.optim.SGD and CosineAnnealingLR."""
     import torch
 
     from credanno.eval.probe import HeadLayout, ProbeRun, train_joint_heads
@@ -417,8 +418,8 @@ def test_probe_sweep_equals_one_probe_per_subset():
                         ProbeSpec(recipe="paper", epochs=3, standardize=False))
     for c, seed in enumerate((0, 1)):
         rows = label_subset(trt, frac=0.3, seed=seed)
-        est = JointLinearProbe(recipe="paper", epochs=3, lr=paper_lr(0.3), seed=seed,
-                               standardize=False)
+        est = JointLinearProbe(recipe="paper", paper=PaperRecipe(epochs=3, lr=paper_lr(0.3)),
+                               seed=seed, standardize=False)
         proba = est.fit(trx[rows], trt[labels].iloc[rows]).predict_proba(tex)
         for j, name in enumerate(labels):
             np.testing.assert_allclose(r._configs[c].probas[name], proba[j], atol=1e-6)

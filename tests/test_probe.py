@@ -176,6 +176,121 @@ def test_cls_grad_off_equals_autograd_with_z_exp_detached():
     np.testing.assert_allclose(heads.exp.W_z[0].numpy(), Wz.detach().numpy(), atol=1e-5)
 
 
+def test_heads_module_is_an_nn_module_and_cls_grad_off_detaches_z_exp():
+    """G_exp/G_cls are a real ``nn.Module`` (one ``nn.Linear`` per attribute, G_cls on
+    f (+) z_exp); ``cls_grad=False``: G_cls's loss gives the attribute heads no gradient."""
+    import torch
+
+    from credanno.eval.heads import JointHeadsModule
+    from credanno.eval.probe import HeadLayout
+
+    lay = HeadLayout(["malignancy", "a", "b"], [2, 3, 4], cls=0)
+    D = 6
+    x = torch.randn(10, D)
+    target = torch.stack([torch.randint(0, 3, (10,)), torch.randint(0, 4, (10,)),
+                          torch.randint(0, 2, (10,))], 1)  # layout.order: a, b, malignancy
+    target[:, :2] = -1  # only G_cls is labelled
+    for cls_grad in (True, False):
+        m = JointHeadsModule(lay, D, torch.Generator().manual_seed(3), cls_grad=cls_grad)
+        assert isinstance(m, torch.nn.Module) and len(m.exp) == 2
+        assert all(isinstance(h, torch.nn.Linear) for h in [*m.exp, m.cls])
+        assert [h.out_features for h in m.exp] == [3, 4] and m.cls.in_features == D + 7
+        logits = m(x)
+        assert [z.shape for z in logits] == [(10, 3), (10, 4), (10, 2)]
+        m.loss(logits, target).backward()
+        exp_grad = sum(float(h.weight.grad.abs().sum()) for h in m.exp)
+        assert (exp_grad > 0) == cls_grad and float(m.cls.weight.grad.abs().sum()) > 0
+    # the weights start as the batched trainer drew them: one (D, W) block, then W_z
+    g = torch.Generator().manual_seed(3)
+    Wx, Wz = torch.randn(D, 9, generator=g) * 0.01, torch.randn(7, 2, generator=g) * 0.01
+    exported = m.export()
+    torch.testing.assert_close(exported.W_x[0], Wx, rtol=0, atol=0)
+    torch.testing.assert_close(exported.W_z[0], Wz, rtol=0, atol=0)
+    assert float(m.loss(m(x), torch.full((10, 3), -1)).detach()) == 0  # no labels: 0, not NaN
+
+
+def test_soft_one_hot_targets_equal_hard_labels():
+    """Soft targets that are the one-hot labels train exactly the heads of the labels
+    (paper recipe), also where the hard label is missing; a malformed block is refused."""
+    import torch
+
+    from credanno.eval.estimator import JointLinearProbe
+    from credanno.eval.probe import HeadLayout, ProbeRun, train_joint_heads
+    from credanno.eval.specs import PaperRecipe
+
+    rng = np.random.default_rng(6)
+    n, D = 90, 5
+    X = rng.normal(size=(n, D)).astype(np.float32)
+    Y = np.stack([rng.integers(0, 2, n), rng.integers(0, 3, n)], 1)
+    lay = HeadLayout(["malignancy", "a"], [2, 3], cls=0)
+    hidden = Y.copy()
+    hidden[::2] = -1  # these rows' labels come as soft targets only
+    per_label = [np.where((np.arange(n) % 2 == 0)[:, None], np.eye(c)[Y[:, i]], np.nan)
+                 for i, c in enumerate(lay.n_classes)]
+    soft = lay.to_columns(per_label, n)
+    spec = ProbeSpec(recipe="paper", epochs=3, batch_size=16, device="cpu")
+    runs = [ProbeRun(np.arange(n), 0.05, 0), ProbeRun(np.arange(40), 0.05, 1),
+            ProbeRun(np.arange(40, 80), 0.05, 2)]  # the last two step together
+    hard = train_joint_heads(X, Y, lay, runs, spec)
+    softly = train_joint_heads(X, hidden, lay, runs, spec, soft=soft)
+    for a, b in zip(hard.exp, softly.exp, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    est = JointLinearProbe(recipe="paper", paper=PaperRecipe(epochs=3, batch_size=16, lr=0.05))
+    p_hard = est.fit(X, Y).predict_proba(X)
+    p_soft = est.fit(X, hidden, soft=per_label).predict_proba(X)
+    for a, b in zip(p_hard, p_soft, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    soft[0, 0] = np.nan  # one NaN in a row's block of numbers
+    with pytest.raises(CredannoError, match="soft targets of a"):
+        train_joint_heads(X, Y, lay, runs, spec, soft=soft)
+
+
+def test_configurations_stepping_together_equal_separate_runs():
+    """Configurations with equal steps per epoch and lr step together (torch.func); each
+    ends exactly as trained alone, with views and best-epoch selection too."""
+    from credanno.eval.probe import HeadLayout, ProbeRun, split_validation, train_joint_heads
+
+    rng = np.random.default_rng(8)
+    n = 200
+    X = rng.normal(size=(n, 7)).astype(np.float32)
+    Y = np.stack([rng.integers(0, 2, n), rng.integers(0, 5, n)], 1)
+    Y[::9, 1] = -1
+    views = np.stack([X + 0.05, X - 0.05, 2 * X])
+    lay = HeadLayout(["malignancy", "texture"], [2, 5], cls=0)
+    runs = []
+    for seed, rows in enumerate([np.arange(0, 70), np.arange(60, 140), np.arange(120, 195)]):
+        fit, val = split_validation(rows, 0.2, seed)
+        runs.append(ProbeRun(fit, 0.05, seed, val))
+    spec = ProbeSpec(recipe="paper", epochs=4, batch_size=16, select="val", device="cpu")
+    together = train_joint_heads(X, Y, lay, runs, spec, views=views)
+    for c, run in enumerate(runs):
+        alone = train_joint_heads(X, Y, lay, [run], spec, views=views)
+        for params_t, params_a in ((together.exp, alone.exp), (together.cls, alone.cls)):
+            for a, b in zip(params_t, params_a, strict=True):
+                np.testing.assert_allclose(a[c].numpy(), b[0].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_paper_recipe_settings_are_one_estimator_parameter():
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV
+
+    from credanno.eval.estimator import JointLinearProbe
+    from credanno.eval.specs import PaperRecipe
+
+    X, y, Xt, yt = _problem(1.0, seed=4, n=120)
+    est = JointLinearProbe(recipe="paper", paper=PaperRecipe(epochs=5, lr=1e-3))
+    twin = clone(est)
+    assert twin.get_params() == est.get_params() and twin.paper == PaperRecipe(5, 1e-3)
+    grid = GridSearchCV(JointLinearProbe(recipe="paper"),
+                        {"paper": [PaperRecipe(epochs=20, lr=1e-4),
+                                   PaperRecipe(epochs=20, lr=0.05)]}, cv=3).fit(X, y)
+    assert grid.best_params_["paper"].lr == 0.05 and grid.score(Xt, yt) > 0.4
+    with pytest.raises(CredannoError, match="unknown selection"):
+        PaperRecipe(select="best")
+    with pytest.raises(CredannoError, match="--lr"):
+        PaperRecipe(lr=-1.0)
+
+
 def test_probe_spec_recipes():
     from credanno.eval.probe import PROBE_RECIPES
 
@@ -216,7 +331,7 @@ def test_one_hot_soft_targets_fit_exactly_as_hard_labels():
     the hard label is removed; all-NaN soft rows mean "the hard label"."""
     import torch
 
-    from credanno.eval.probe import ProbeRun, soft_columns, train_joint_heads
+    from credanno.eval.probe import ProbeRun, train_joint_heads
 
     X, Y, lay = _soft_problem()
     rows = np.arange(0, 90, 2)
@@ -231,7 +346,7 @@ def test_one_hot_soft_targets_fit_exactly_as_hard_labels():
         soft_list.append(q)
     Ys = np.where(pick[:, None], -1, Y)  # the soft rows keep no hard label
     soft = train_joint_heads(X, Ys, lay, [ProbeRun(rows)], spec,
-                             soft=soft_columns(lay, soft_list, len(Y)))
+                             soft=lay.to_columns(soft_list, len(Y)))
     for a, b in zip((*hard.exp, hard.mask), (*soft.exp, soft.mask), strict=True):
         assert torch.equal(a, b)
     nan = train_joint_heads(X, Y, lay, [ProbeRun(rows)], spec,
@@ -241,7 +356,7 @@ def test_one_hot_soft_targets_fit_exactly_as_hard_labels():
 
 def test_soft_targets_move_the_fit():
     """A row with q = (0.5, 0.5) trains differently from its hard label; soft targets
-    need probabilities, the tuned recipe and the layout's shape."""
+    need probabilities and the layout's shape (both recipes take them)."""
     from credanno.eval.probe import JointLinearProbe
 
     X, y, Xt, _ = _problem(1.0, seed=8, n=40, k=2)
@@ -255,7 +370,9 @@ def test_soft_targets_move_the_fit():
     q[0] = (0.7, 0.7)
     with pytest.raises(CredannoError, match="must be probabilities"):
         JointLinearProbe(Cs=(1.0,)).fit(X, y, soft=q)
-    with pytest.raises(CredannoError, match="tuned recipe"):
-        JointLinearProbe(recipe="paper", epochs=1).fit(X, y, soft=np.full((40, 2), 0.5))
+    paper = JointLinearProbe(recipe="paper")
+    p_hard = paper.fit(X, y).predict_proba(Xt)
+    assert not np.allclose(paper.fit(X, y, soft=q[1:2].repeat(40, 0) * 0 + 0.5)
+                           .predict_proba(Xt), p_hard, atol=1e-4)
     with pytest.raises(CredannoError, match="expected \\(40, 2\\)"):
-        JointLinearProbe().fit(X, y, soft=np.full((40, 3), 0.5))
+        JointLinearProbe().fit(X, y, soft=np.full((39, 2), 0.5))

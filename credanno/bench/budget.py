@@ -228,12 +228,11 @@ class _Grid:
         return [pred[:, i] for i in range(len(self.specs))]
 
     def _probe(self, rows, frac, strategy, seed) -> list[np.ndarray]:
-        from credanno.eval.probe import PAPER_LR_FULL, PAPER_LR_PARTIAL, JointLinearProbe
+        from credanno.eval.probe import JointLinearProbe
 
-        lr = PAPER_LR_FULL if len(rows) >= len(self.x) else PAPER_LR_PARTIAL
         Y = pd.DataFrame(self.y[rows], columns=self.data.labels)
-        m = JointLinearProbe(epochs=self.spec.probe_epochs, lr=lr, seed=seed,
-                             device=self.device).fit(self.x[rows], Y)
+        # the default (tuned) recipe: it has no epochs or lr to pass
+        m = JointLinearProbe(seed=seed, device=self.device).fit(self.x[rows], Y)
         return [p.argmax(axis=1) for p in m.predict_proba(self.data.test_x)]
 
     def _semi(self, rows, frac, strategy, seed) -> list[np.ndarray]:

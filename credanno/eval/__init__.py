@@ -21,6 +21,7 @@ _EXPORTS = {
     "SubsetSpec": "credanno.eval.specs",
     "KnnSpec": "credanno.eval.specs",
     "ProbeSpec": "credanno.eval.specs",
+    "PaperRecipe": "credanno.eval.specs",
     "label_subset": "credanno.eval.subsets",
     "draw_subsets": "credanno.eval.subsets",
 }

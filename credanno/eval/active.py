@@ -333,8 +333,8 @@ class _Loop:
         if self.spec.pseudo == "soft" and keep.any():  # true labels stay hard (NaN rows)
             soft = [np.concatenate([np.full((len(self.labelled), q.shape[1]), np.nan),
                                     q[keep]]) for q in self.pseudo_q]
-        self.model = JointLinearProbe(epochs=epochs, lr=self.spec.lr, seed=self.spec.seed,
-                                      device=self.spec.device).fit(self.x[rows], Y, soft=soft)
+        self.model = JointLinearProbe(seed=self.spec.seed, device=self.spec.device).fit(
+            self.x[rows], Y, soft=soft)
 
     def refresh_pseudo(self) -> tuple[int, float]:
         """Pseudo-label the unlabelled images the heads are confident about; returns their

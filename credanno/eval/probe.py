@@ -1,21 +1,22 @@
-"""The paper's trained predictors G_exp and G_cls (section 2, Eq. 3) as fast linear probes.
+"""The paper's trained predictors G_exp and G_cls (section 2, Eq. 3) as linear probes.
 
 One linear layer G_exp^(i) per nodule attribute on the frozen features f, and G_cls for
 malignancy on ``f (+) z_exp^(1) (+) ... (+) z_exp^(M)`` (the features concatenated with the
-attribute logits), trained jointly by minimising the sum of the heads' cross-entropies
-with SGD (momentum 0.9, batch 128, cosine schedule over 100 epochs, lr 5e-4 with all
-labels and 2.5e-4 with partial labels), as in the paper's section 3.
+attribute logits), trained by one of :data:`PROBE_RECIPES`: ``"tuned"``
+(:mod:`credanno.eval.tuned`, the default) or ``"paper"``: the module
+:class:`credanno.eval.heads.JointHeadsModule` (one ``nn.Linear`` per head) trained by
+minimising the sum of the heads' cross-entropies with ``torch.optim.SGD`` (momentum 0.9,
+batch 128, ``CosineAnnealingLR`` over 100 epochs, lr 5e-4 with all labels and 2.5e-4 with
+partial labels), as in the paper's section 3 (:func:`credanno.eval.heads.train_paper`).
 
-Speed: the attribute heads and the feature part of G_cls are one weight matrix
-``W_x`` (D, A + 2), so a step is one batched matmul forward and one backward (gradients
-written out by hand: the model is linear, so autograd would only add overhead). Many
-(label fraction, seed) configurations train together as one batched model
-(``torch.baddbmm`` over configurations), each with its own labelled rows, minibatch
-order, initialisation and schedule, exactly as if trained alone.
+Trained heads of C (label fraction, seed) configurations are kept as batched tensors
+(:class:`HeadParams`: ``W_x`` (C, D, W) for every head's feature weights in the columns of
+:class:`HeadLayout`, ``W_z`` (C, A, C_cls) for G_cls on the attribute logits), so that
+prediction is one batched matmul for all configurations.
 
-Model selection: the last epoch (default), or the best epoch of every head on a
-validation part carved from the labelled subset (``select="val"``). Never the test
-split: the paper's public code picked each head's best epoch on the test split.
+Model selection (paper recipe): the last epoch (default), or the best epoch of every
+head on a validation part carved from the labelled subset (``select="val"``). Never the
+test split: the paper's public code picked each head's best epoch on the test split.
 
 Feature scale: the paper's lr (5e-4, plain SGD) was tuned for un-normalised ViT
 features. Features are standardised by default with the mean and sd of the *training
@@ -37,7 +38,7 @@ import numpy as np
 from credanno import checks
 from credanno.errors import CredannoError, CredannoWarning
 from credanno.eval.data import EvalData, StoreLike, open_eval_data
-from credanno.labels import LABEL_NAMES, label_spec
+from credanno.labels import label_spec
 from credanno.runtime import cpu_threads
 
 if TYPE_CHECKING:
@@ -110,26 +111,22 @@ class HeadLayout:
         h = self.order.index(label_index)
         return slice(int(self.starts[h]), int(self.starts[h + 1]))
 
-
-def soft_columns(layout: HeadLayout, soft_list: Sequence[Any] | None, n: int) -> np.ndarray | None:
-    """Soft targets per label (a list in ``layout.names`` order of (n, C_l) probability
-    arrays or None) as one (n, W) array in the layout's columns; NaN (a None entry, or a
-    row left NaN) means "train on that row's hard label". None when no label has any."""
-    if soft_list is None or all(q is None for q in soft_list):
-        return None
-    if len(soft_list) != len(layout.names):
-        raise CredannoError(f"soft targets: {len(soft_list)} arrays for "
-                            f"{len(layout.names)} labels")
-    out = np.full((n, layout.width), np.nan)
-    for i, q in enumerate(soft_list):
-        if q is None:
-            continue
-        q = np.asarray(q, dtype=np.float64)
-        if q.shape != (n, layout.n_classes[i]):
-            raise CredannoError(f"soft targets of {layout.names[i]}: shape {q.shape}, "
-                                f"expected ({n}, {layout.n_classes[i]})")
-        out[:, layout.columns(i)] = q
-    return out
+    def to_columns(self, per_label: Sequence[np.ndarray | None], n: int) -> np.ndarray:
+        """Per-label (n, C_l) arrays (None: no such array) as one float32 (n, W) array in
+        these columns, NaN where a label has none (the layout of ``soft`` targets)."""
+        if len(per_label) != len(self.names):
+            raise CredannoError(f"{len(per_label)} soft-target arrays for {len(self.names)} "
+                                "labels; pass one (or None) per label")
+        out = np.full((n, self.width), np.nan, dtype=np.float32)
+        for i, block in enumerate(per_label):
+            if block is None:
+                continue
+            block = np.asarray(block, dtype=np.float32)
+            if block.shape != (n, self.n_classes[i]):
+                raise CredannoError(f"soft targets of {self.names[i]} have shape {block.shape}; "
+                                    f"expected ({n}, {self.n_classes[i]})")
+            out[:, self.columns(i)] = block
+        return out
 
 
 class HeadParams(NamedTuple):
@@ -188,20 +185,6 @@ def _forward(params, X, layout: HeadLayout):
     return Z
 
 
-def _grid_softmax(Z, layout: HeadLayout):
-    """Per-head softmax of joint logits (C, B, W): scatter into a -inf padded
-    (C, B, heads, cmax) grid, softmax over the last axis, gather back."""
-    import torch
-
-    C, B, W = Z.shape
-    n_heads = len(layout.order)
-    grid = Z.new_full((C, B, n_heads * layout.cmax), -math.inf)
-    slots = torch.as_tensor(layout.col_slot, device=Z.device)
-    grid[..., slots] = Z
-    P = torch.softmax(grid.view(C, B, n_heads, layout.cmax), dim=-1)
-    return P.view(C, B, -1)[..., slots]
-
-
 def _predict_heads(heads: JointHeads, X) -> list[Any]:
     """Per-label probabilities (list over labels of (C, m, C_l)) from both parameter sets."""
     import torch
@@ -249,16 +232,20 @@ def train_joint_heads(X: np.ndarray, Y: np.ndarray, layout: HeadLayout,
                       runs: Sequence[ProbeRun], spec: ProbeSpec | None = None, *,
                       views: np.ndarray | None = None, progress: bool = False,
                       num_threads: int | None = 1, soft: np.ndarray | None = None) -> JointHeads:
-    """Train the joint heads of every configuration in ``runs`` at once.
+    """Train the joint heads of every configuration in ``runs``.
 
     ``X`` (n, D) features, ``Y`` (n, L) int labels (-1 missing, ignored by that head);
     ``spec`` the recipe (epochs, batch size, momentum, standardisation, device; default
     :class:`ProbeSpec`); ``views`` (V, n, D): stored augmented views, each sample then
     draws one view per visit. Runs with ``val_rows`` get each head's best epoch on those
     rows (the paper's +/-1 accuracy for attributes). ``num_threads``: see
-    :func:`_torch_threads`. ``soft`` (n, W): optional soft targets in the layout's columns
-    (:func:`soft_columns`; NaN rows: the hard label). Every configuration trains exactly
-    as if it trained alone.
+    :func:`_torch_threads`. Every configuration trains exactly as if it trained alone
+    (with ``views``, each draws as many views per epoch as the longest configuration in
+    ``runs`` visits rows, so alone equals together among configurations of equal steps per
+    epoch). ``soft``: None, or float32 (n, W) class-probability targets in the layout's columns
+    (:meth:`HeadLayout.to_columns`); where a row's block of a head holds numbers, that head
+    trains on them instead of the row's label (e.g. cRedAnno+'s soft pseudo-labels); a
+    block of NaN means: use the label in ``Y``.
     """
     from credanno.eval.specs import ProbeSpec
 
@@ -269,17 +256,17 @@ def train_joint_heads(X: np.ndarray, Y: np.ndarray, layout: HeadLayout,
 
 
 def _train_paper(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[ProbeRun],
-                 spec: ProbeSpec, views: np.ndarray | None, progress: bool,
+                 spec: ProbeSpec, views: np.ndarray | None, progress: bool, *,
                  soft: np.ndarray | None = None) -> JointHeads:
-    """The paper's recipe: minibatch SGD with momentum, cosine schedule, last (or best
-    validation) epoch; all configurations as one batched model."""
-    if soft is not None:
-        raise CredannoError("soft targets need the tuned recipe (--recipe tuned)")
-    return _BatchedTrainer(X, Y, layout, runs, spec, views).run(progress)
+    """The paper's recipe (:func:`credanno.eval.heads.train_paper`): minibatch SGD with
+    momentum, cosine schedule, last (or best validation) epoch."""
+    from credanno.eval.heads import train_paper
+
+    return train_paper(X, Y, layout, runs, spec, views, progress, soft=soft)
 
 
 def _train_tuned(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[ProbeRun],
-                 spec: ProbeSpec, views: np.ndarray | None, progress: bool,
+                 spec: ProbeSpec, views: np.ndarray | None, progress: bool, *,
                  soft: np.ndarray | None = None) -> JointHeads:
     """The tuned recipe (:mod:`credanno.eval.tuned`): every configuration fitted to
     convergence with its penalty cross-validated inside its labelled rows. Trains on the
@@ -289,13 +276,14 @@ def _train_tuned(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[Pr
 
     from credanno.eval.tuned import fit_tuned_config
 
+    # TODO(issue 12): soft targets for the tuned recipe (another change implements them)
     dev = torch.device(spec.device)
     n = len(X)
     Y = np.asarray(Y, dtype=np.int64).reshape(n, -1)
     f = _features(X, None, spec.standardize, dev)
     if soft is not None and np.shape(soft) != (n, layout.width):
         raise CredannoError(f"soft targets of shape {np.shape(soft)}, expected "
-                            f"({n}, {layout.width}) (see soft_columns)")
+                            f"({n}, {layout.width}) (see HeadLayout.to_columns)")
     fits, done = [], {}
     it = runs
     if progress:
@@ -363,209 +351,6 @@ def _features(X: np.ndarray, views: np.ndarray | None, standardize: bool, dev) -
     Xt = torch.from_numpy(Xs).to(dev)
     bank = Xt if Vs is None else torch.from_numpy(Vs.reshape(-1, Xs.shape[1])).to(dev)
     return _Features(Xt, bank, 1 if Vs is None else Vs.shape[0], mean, scale)
-
-
-def _targets(Y: np.ndarray, lay: HeadLayout, dev) -> tuple[Any, Any]:
-    """One-hot targets per column (n + 1, W) and per-(row, head) validity (n + 1, heads);
-    row n is the all-zero padding row."""
-    import torch
-
-    n = len(Y)
-    onehot = np.zeros((n + 1, lay.width), dtype=np.float32)
-    valid = np.zeros((n + 1, len(lay.order)), dtype=np.float32)
-    for h, i in enumerate(lay.order):
-        y = Y[:, i]
-        ok = y >= 0
-        if (y >= lay.n_classes[i]).any():
-            raise CredannoError(f"{lay.names[i]} labels exceed its {lay.n_classes[i]} classes")
-        onehot[np.flatnonzero(ok), lay.starts[h] + y[ok]] = 1.0
-        valid[:n, h] = ok
-    return torch.from_numpy(onehot).to(dev), torch.from_numpy(valid).to(dev)
-
-
-def _init_params(gens: list, D: int, lay: HeadLayout, init_std: float, dev) -> HeadParams:
-    """N(0, init_std) weights from each configuration's generator, zero biases."""
-    import torch
-
-    Wx = torch.stack([torch.randn(D, lay.width, generator=g) * init_std for g in gens]).to(dev)
-    b = torch.zeros(len(gens), lay.width, device=dev)
-    Wz = None
-    if lay.cls is not None:
-        A = lay.n_exp
-        Wz = torch.stack([torch.randn(A, lay.width - A, generator=g) * init_std
-                          for g in gens]).to(dev)
-    return HeadParams(Wx, b, Wz)
-
-
-class _ValSelector:
-    """Keeps every head's parameters from the epoch with its best validation accuracy."""
-
-    def __init__(self, params: HeadParams, X, Y: np.ndarray, val_rows: list[np.ndarray],
-                 lay: HeadLayout) -> None:
-        import torch
-
-        dev, (n, D) = X.device, X.shape
-        vmax = max(max(len(v) for v in val_rows), 1)
-        vidx = torch.full((len(val_rows), vmax), n, dtype=torch.long)
-        for c, v in enumerate(val_rows):
-            vidx[c, :len(v)] = torch.as_tensor(v)
-        vidx = vidx.to(dev)
-        self.lay = lay
-        self.X = torch.cat([X, X.new_zeros(1, D)])[vidx]
-        self.best_score = torch.full((len(val_rows), len(lay.order)), -1.0, device=dev)
-        self.best_exp = [None if p is None else p.clone() for p in params]
-        self.best_cls = [None if p is None else p.clone() for p in params]
-        self.tol = torch.as_tensor([label_spec(lay.names[i]).tolerance
-                                    if lay.names[i] in LABEL_NAMES else 0 for i in lay.order],
-                                   device=dev)
-        pad = np.concatenate([Y, np.full((1, Y.shape[1]), -1)])[:, lay.order]
-        self.y = torch.as_tensor(pad, device=dev)[vidx]  # (C, vmax, heads)
-
-    def step(self, params: HeadParams) -> None:
-        import torch
-
-        lay = self.lay
-        Z = _forward(params, self.X, lay)
-        accs = []
-        for h, i in enumerate(lay.order):
-            pred = Z[..., lay.columns(i)].argmax(-1)
-            y = self.y[..., h]
-            ok = ((pred - y).abs() <= self.tol[h]) & (y >= 0)
-            accs.append(ok.sum(1) / (y >= 0).sum(1).clamp_min(1))
-        acc = torch.stack(accs, dim=1)  # (C, heads)
-        better = acc > self.best_score
-        self.best_score.copy_(torch.where(better, acc, self.best_score))
-        col_better = better[:, torch.as_tensor(lay.col_head, device=acc.device)]  # (C, W)
-        Wx, b, _ = params
-        self.best_exp[0].copy_(torch.where(col_better[:, None, :], Wx, self.best_exp[0]))
-        self.best_exp[1].copy_(torch.where(col_better, b, self.best_exp[1]))
-        if lay.cls is not None:
-            cb = better[:, -1]
-            for dst, src in zip(self.best_cls, params, strict=True):
-                dst.copy_(torch.where(cb.view(-1, *([1] * (src.dim() - 1))), src, dst))
-
-
-class _BatchedTrainer:
-    """C configurations as one batched model: hand-written gradients of the joint
-    cross-entropy and ``torch.optim.SGD``'s momentum update, configurations sorted by steps
-    per epoch so that the ones still stepping are a prefix."""
-
-    def __init__(self, X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[ProbeRun],
-                 spec: ProbeSpec, views: np.ndarray | None) -> None:
-        import torch
-
-        n, D = X.shape
-        self.spec, self.lay, self.n = spec, layout, n
-        self.batch_size = _clamp_batch(spec.batch_size, n)
-        lrs = np.asarray([r.lr for r in runs], dtype=np.float64)
-        for value in set(lrs.tolist()):
-            check_lr(value)
-        rows = [np.asarray(r.rows, dtype=np.int64) for r in runs]
-        if any(len(r) == 0 for r in rows):
-            raise CredannoError("a configuration has no labelled training rows; use a larger "
-                                "--frac")
-        dev = self.dev = torch.device(spec.device)
-        self.feats = _features(X, views, spec.standardize, dev)
-        Y = np.asarray(Y, dtype=np.int64).reshape(n, -1)
-        self.onehot, self.valid = _targets(Y, layout, dev)
-        self.col_head = torch.as_tensor(layout.col_head, device=dev)
-        gens = [torch.Generator().manual_seed(int(r.seed)) for r in runs]
-        params = _init_params(gens, D, layout, spec.init_std, dev)
-        # configurations sorted by steps per epoch, so the active ones are a prefix
-        steps = np.array([math.ceil(len(r) / self.batch_size) for r in rows])
-        order = np.argsort(-steps, kind="stable")
-        self.inv = np.argsort(order)
-        steps_sorted = steps[order]
-        self.n_active = [int((steps_sorted > j).sum()) for j in range(int(steps_sorted[0]))]
-        self.width = int(steps_sorted[0]) * self.batch_size
-        self.lr = torch.as_tensor(lrs[order], dtype=torch.float32, device=dev)
-        self.params = HeadParams(*(None if p is None else p[order].contiguous()
-                                   for p in params))
-        self.bufs = [torch.zeros_like(p) for p in self.params if p is not None]
-        self.gens = [gens[c] for c in order]
-        self.rows = [torch.as_tensor(rows[c]) for c in order]
-        self.selector = None
-        if any(r.val_rows is not None for r in runs):
-            val = [np.asarray(() if runs[c].val_rows is None else runs[c].val_rows,
-                              dtype=np.int64) for c in order]
-            self.selector = _ValSelector(self.params, self.feats.X, Y, val, layout)
-
-    def run(self, progress: bool) -> JointHeads:
-        import torch
-
-        epochs = range(self.spec.epochs)
-        if progress:
-            from tqdm import tqdm
-            epochs = tqdm(epochs, desc=f"probes ({len(self.rows)} configurations)",
-                          unit="epoch")
-        with torch.no_grad():
-            for epoch in epochs:
-                self._epoch(epoch)
-                if self.selector is not None:
-                    self.selector.step(self.params)
-        if self.selector is not None:
-            exp_p, cls_p = HeadParams(*self.selector.best_exp), HeadParams(*self.selector.best_cls)
-        else:
-            exp_p = cls_p = self.params
-        inv = torch.as_tensor(self.inv, device=self.dev)
-
-        def unsort(p: HeadParams) -> HeadParams:
-            return HeadParams(*(None if t is None else t[inv] for t in p))
-
-        f = self.feats
-        mean = None if f.mean is None else torch.from_numpy(f.mean).to(self.dev)
-        scale = None if f.scale is None else torch.from_numpy(f.scale).to(self.dev)
-        return JointHeads(self.lay, unsort(exp_p), unsort(cls_p), mean, scale)
-
-    def _epoch(self, epoch: int) -> None:
-        """One epoch: per-configuration shuffles (padded with the dummy row n), then the
-        steps, with the cosine schedule's rate (``CosineAnnealingLR``)."""
-        import torch
-
-        C, n, bs = len(self.rows), self.n, self.batch_size
-        lr_now = self.lr * (0.5 * (1 + math.cos(math.pi * epoch / self.spec.epochs)))
-        idx = torch.full((C, self.width), n, dtype=torch.long)
-        for c in range(C):
-            r = self.rows[c]
-            idx[c, :len(r)] = r[torch.randperm(len(r), generator=self.gens[c])]
-        vsel = None
-        if self.feats.n_views > 1:
-            vsel = torch.stack([torch.randint(self.feats.n_views, (self.width,),
-                                              generator=self.gens[c]) for c in range(C)])
-        idx = idx.to(self.dev)
-        for j, na in enumerate(self.n_active):
-            bi = idx[:na, j * bs:(j + 1) * bs]
-            safe = torch.where(bi < n, bi, 0)
-            if vsel is not None:
-                vs = vsel[:na, j * bs:(j + 1) * bs].to(self.dev)
-                Xb = self.feats.bank[vs * n + safe]
-            else:
-                Xb = self.feats.bank[safe]
-            self._step(Xb, bi, na, lr_now)
-
-    def _step(self, Xb, bi, na: int, lr_now) -> None:
-        """One SGD step of the first ``na`` configurations on minibatch rows ``bi``."""
-        import torch
-
-        lay, A = self.lay, self.lay.n_exp
-        Wx, b, Wz = (None if p is None else p[:na] for p in self.params)
-        Z = _forward((Wx, b, Wz), Xb, lay)
-        P = _grid_softmax(Z, lay)
-        mask = self.valid[bi]  # (na, B, heads); padding row n is all zero
-        cnt = mask.sum(dim=1, keepdim=True).clamp_min(1.0)
-        G = (P - self.onehot[bi]) * (mask / cnt)[..., self.col_head]
-        if Wz is not None:
-            Gc = G[..., A:]
-            dWz = torch.bmm(Z[..., :A].transpose(1, 2), Gc)
-            if self.spec.cls_grad:  # G_cls's loss reaches the attribute heads via z_exp
-                G = torch.cat([G[..., :A] + torch.bmm(Gc, Wz.transpose(1, 2)), Gc], -1)
-        dWx = torch.bmm(Xb.transpose(1, 2), G)
-        grads = [dWx, G.sum(dim=1)] + ([dWz] if Wz is not None else [])
-        params = [Wx, b] + ([Wz] if Wz is not None else [])
-        for p, buf, g in zip(params, self.bufs, grads, strict=True):
-            bf = buf[:na]
-            bf.mul_(self.spec.momentum).add_(g)  # torch.optim.SGD's momentum buffer
-            p.sub_(bf * lr_now[:na].view(-1, *([1] * (p.dim() - 1))))
 
 
 def split_validation(rows: np.ndarray, val_frac: float, seed: int,

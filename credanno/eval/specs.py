@@ -3,7 +3,9 @@
 - :class:`SubsetSpec`: which training rows keep their labels (label fractions or counts
   drawn by a strategy of :mod:`credanno.eval.strategies` over seeds, or a subset file);
 - :class:`KnnSpec`: the k-NN classifier (k, temperature, weighting, feature set, device);
-- :class:`ProbeSpec`: the trained linear predictors G_exp/G_cls (tuned or paper recipe).
+- :class:`ProbeSpec`: the trained linear predictors G_exp/G_cls (tuned or paper recipe);
+- :class:`PaperRecipe`: the paper recipe's settings, as the estimator
+  :class:`~credanno.eval.estimator.JointLinearProbe` takes them.
 
 Each validates its fields once, at construction, with the one-line errors of the CLI
 options they come from, so that a typo fails before any store is read. Numbers are kept
@@ -200,28 +202,61 @@ class ProbeSpec:
     cls_grad: bool = True
 
     def __post_init__(self) -> None:
-        from credanno.eval.probe import PROBE_RECIPES, SELECTIONS, check_lr
+        from credanno.eval.probe import PROBE_RECIPES
         from credanno.runtime import resolve_device
 
         if self.recipe not in PROBE_RECIPES:
             raise CredannoError(f"unknown probe recipe {self.recipe!r}; use one of "
                                 f"{', '.join(PROBE_RECIPES)}")
-        if self.select not in SELECTIONS:
-            raise CredannoError(f"unknown selection {self.select!r}; use one of "
-                                f"{', '.join(SELECTIONS)}")
+        paper = _paper_fields(self)
         Cs = tuple(sorted(checks.finite(c, "C", low=0) for c in _tuple(self.Cs)))
         if not Cs:
             raise CredannoError("no penalty C given for the tuned recipe; pass e.g. Cs=(0.01, 1)")
-        _set(self, lr=None if self.lr is None else check_lr(self.lr),
-             epochs=checks.count(self.epochs, "--epochs"),
-             batch_size=checks.count(self.batch_size, "--batch-size"),
-             momentum=checks.finite(self.momentum, "momentum", low=0, high=1,
-                                    low_open=False, high_open=True),
-             val_frac=checks.finite(self.val_frac, "--val-frac", low=0, high=1,
-                                    high_open=True, example="0.2"),
+        _set(self, **paper,
              init_std=checks.finite(self.init_std, "init_std", low=0, low_open=False),
              Cs=Cs, cv_folds=checks.count(self.cv_folds, "cv_folds"),
              device=resolve_device(self.device))
         if self.recipe == "tuned" and (self.lr is not None or self.select != "last"):
             raise CredannoError("--lr and --select val belong to --recipe paper; the tuned "
                                 "recipe cross-validates its penalty (add --recipe paper)")
+
+
+def _paper_fields(spec) -> dict:
+    """The paper recipe's fields of ``spec`` (a :class:`ProbeSpec` or :class:`PaperRecipe`)
+    checked and in canonical form."""
+    from credanno.eval.probe import SELECTIONS, check_lr
+
+    if spec.select not in SELECTIONS:
+        raise CredannoError(f"unknown selection {spec.select!r}; use one of "
+                            f"{', '.join(SELECTIONS)}")
+    return {"lr": None if spec.lr is None else check_lr(spec.lr),
+            "epochs": checks.count(spec.epochs, "--epochs"),
+            "batch_size": checks.count(spec.batch_size, "--batch-size"),
+            "momentum": checks.finite(spec.momentum, "momentum", low=0, high=1,
+                                      low_open=False, high_open=True),
+            "val_frac": checks.finite(spec.val_frac, "--val-frac", low=0, high=1,
+                                      high_open=True, example="0.2")}
+
+
+@dataclass(frozen=True)
+class PaperRecipe:
+    """The paper recipe's settings (section 3, "Training settings"), for
+    :class:`~credanno.eval.estimator.JointLinearProbe` (``paper=PaperRecipe(...)``): SGD
+    for ``epochs`` at initial rate ``lr`` (5e-4, the paper's with all labels; 2.5e-4 is its
+    rate with partial labels), minibatches of ``batch_size``, ``momentum``, cosine
+    schedule; ``select``: the last epoch or each head's best epoch on ``val_frac`` of the
+    training rows (``"val"``). Frozen and compared by value, so ``sklearn.base.clone`` and
+    ``GridSearchCV`` (``{"paper": [PaperRecipe(lr=1e-3), ...]}``) work on it.
+    """
+
+    epochs: int = 100
+    lr: float = 5e-4
+    batch_size: int = 128
+    momentum: float = 0.9
+    select: str = "last"
+    val_frac: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.lr is None:
+            raise CredannoError("PaperRecipe needs a learning rate; pass e.g. lr=5e-4")
+        _set(self, **_paper_fields(self))

@@ -345,7 +345,7 @@ def fit_tuned_config(Xc, Y: np.ndarray, layout, groups: np.ndarray | None,
     """The tuned heads of one labelled subset: ``Xc`` (m, D) its standardised features
     (torch), ``Y`` (m, L) its labels, ``groups`` its rows' nodules (or None), ``soft``
     (m, W) optional soft targets in the layout's columns (a label's all-NaN row: its hard
-    label; see :func:`credanno.eval.probe.soft_columns`). Returns
+    label; see :meth:`credanno.eval.probe.HeadLayout.to_columns`). Returns
     ``(W_x (D, W), b (W,), W_z (A, C_cls) or None, allowed (W,))`` in the layout's columns.
     Deterministic in its rows: the same subset gives the same heads, whatever the seed."""
     import torch
