@@ -102,12 +102,31 @@ def test_schedule_steps_up_to_the_budget():
 def test_cli_writes_json_and_csv(store, tmp_path, capsys):
     out_j, out_c = tmp_path / "a.json", tmp_path / "a.csv"
     main(["active", "--store", str(store), "--start", "0.05", "--budget", "0.1",
-          "--rounds", "2", "--epochs", "5", "--quench-epochs", "2", "--device", "cpu",
-          "--json", str(out_j), "--csv", str(out_c)])
+          "--rounds", "2", "--device", "cpu", "--json", str(out_j), "--csv", str(out_c)])
     assert "| round |" in capsys.readouterr().out
     doc = json.loads(out_j.read_text())
     assert [r["round"] for r in doc["rounds"]] == [0, 1, 2]
-    assert len(pd.read_csv(out_c)) == 3
+    assert len(pd.read_csv(out_c)) == 3 and doc["params"]["recipe"] == "tuned"
+
+
+def test_cli_paper_recipe_trains_epochs_then_quenches(store, tmp_path, monkeypatch):
+    """``--recipe paper``: the seed set trains --epochs, every round --quench-epochs (SGD)."""
+    from credanno.eval.estimator import JointLinearProbe
+
+    seen, fit = [], JointLinearProbe.fit
+
+    def spy(self, X, Y, *args, **kw):
+        seen.append((self.recipe, self.paper.epochs))
+        return fit(self, X, Y, *args, **kw)
+
+    monkeypatch.setattr(JointLinearProbe, "fit", spy)
+    out_j = tmp_path / "a.json"
+    main(["active", "--store", str(store), "--start", "0.05", "--budget", "0.1",
+          "--rounds", "2", "--recipe", "paper", "--epochs", "5", "--quench-epochs", "2",
+          "--device", "cpu", "--json", str(out_j)])
+    assert seen == [("paper", 5), ("paper", 2), ("paper", 2)]
+    doc = json.loads(out_j.read_text())["params"]
+    assert (doc["recipe"], doc["epochs"], doc["quench_epochs"]) == ("paper", 5, 2)
 
 
 def test_cli_soft_pseudo_labels(store, tmp_path, capsys, monkeypatch):
@@ -148,6 +167,7 @@ def test_cli_soft_pseudo_labels(store, tmp_path, capsys, monkeypatch):
     (["--query", "stratified"], "least-confidence, margin"),
     (["--kind", "last4"], "has no feature set 'last4'"),
     (["--pseudo", "both"], "'both' is not one of 'hard', 'soft'"),
+    (["--quench-epochs", "3"], "--epochs and --quench-epochs belong to --recipe paper"),
 ])
 def test_bad_input_is_one_line(store, capsys, args, match):
     line = cli_error(capsys, ["active", "--store", str(store), "--device", "cpu", *args])

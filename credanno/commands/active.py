@@ -34,10 +34,15 @@ from credanno.commands._types import POSITIVE, SEED, RegistryChoice
               show_default=True,
               help="Pseudo-labels as the heads' predicted classes (hard) or as every head's "
                    "predicted probabilities, trained as soft targets (soft).")
-@click.option("--epochs", type=POSITIVE, default=100, show_default=True,
-              help="Training epochs on the seed set.")
-@click.option("--quench-epochs", type=POSITIVE, default=10, show_default=True,
-              help="Retraining epochs of each round (training quenching).")
+@click.option("--recipe", type=click.Choice(["tuned", "paper"]), default="tuned",
+              show_default=True,
+              help="How the heads train: tuned (to convergence, penalty cross-validated "
+                   "inside the labelled images) or paper (SGD; --epochs, --quench-epochs).")
+@click.option("--epochs", type=POSITIVE, default=None,
+              help="Paper recipe: training epochs on the seed set [default: 100].")
+@click.option("--quench-epochs", type=POSITIVE, default=None,
+              help="Paper recipe: retraining epochs of each round, cRedAnno+'s training "
+                   "quenching [default: 10].")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @device_option("Where the heads train: cpu, cuda or cuda:N (default: cuda when torch sees a "
                "GPU, else cpu).")
@@ -45,17 +50,22 @@ from credanno.commands._types import POSITIVE, SEED, RegistryChoice
 @click.option("--csv", "csv_path", type=PATH, default=None,
               help="Also write one row per round as CSV.")
 def active(store: Path | None, kind: str, start: float, budget: float, strategy: str,
-           query: str, rounds: int, threshold: float, pseudo: str, epochs: int,
-           quench_epochs: int, seed: int, device: str | None, json_path: Path | None,
-           csv_path: Path | None) -> None:
+           query: str, rounds: int, threshold: float, pseudo: str, recipe: str,
+           epochs: int | None, quench_epochs: int | None, seed: int, device: str | None,
+           json_path: Path | None, csv_path: Path | None) -> None:
     """Seed with a label-free pick, pseudo-label the confident rest, request labels over
     rounds up to --budget; prints every round (labels used, pseudo-labels kept and their
     accuracy against the hidden labels, test accuracy per label). Test labels only score."""
+    from credanno.errors import CredannoError
     from credanno.eval.active import ActiveSpec, run_active, write_active
 
+    if recipe == "tuned" and (epochs is not None or quench_epochs is not None):
+        raise CredannoError("--epochs and --quench-epochs belong to --recipe paper; the tuned "
+                            "recipe fits to convergence (add --recipe paper)")
     spec = ActiveSpec(start=start, budget=budget, strategy=strategy, query=query,
-                      rounds=rounds, threshold=threshold, pseudo=pseudo, epochs=epochs,
-                      quench_epochs=quench_epochs, kind=kind, seed=seed, device=device)
+                      rounds=rounds, threshold=threshold, pseudo=pseudo, recipe=recipe,
+                      epochs=epochs or 100, quench_epochs=quench_epochs or 10, kind=kind,
+                      seed=seed, device=device)
     result = run_active(store, spec)
     p = result.params
     click.echo(f"cRedAnno+ loop on {p['store']} ({p['kind']}): seed {p['n_start']} images "

@@ -52,10 +52,14 @@ class ActiveSpec:
     strategy; ``query``: a rule of :data:`QUERY_RULES` or a label-free strategy; ``rounds``:
     active rounds (0: seed set + pseudo-labels only); ``threshold``: malignancy confidence a
     pseudo-label needs; ``pseudo``: ``"hard"`` (predicted classes) or ``"soft"`` (every
-    head's predicted probabilities as soft targets); ``epochs``: the seed training;
-    ``quench_epochs``: each round's retraining; ``lr``: the heads' learning rate (the
-    paper's partial-label 2.5e-4); ``score_rounds``: score the test split after every
-    round (False: the last only).
+    head's predicted probabilities as soft targets); ``recipe``: how the heads train,
+    ``"tuned"`` (default: every fit to convergence, its L2 penalty cross-validated inside
+    the labelled images, so noisy pseudo-labels are held back by the penalty rather than
+    by stopping early) or ``"paper"`` (SGD as the paper: ``epochs`` on the seed set, then
+    each round retrained from scratch for ``quench_epochs``, cRedAnno+'s *training
+    quenching*, at learning rate ``lr``, the paper's partial-label 2.5e-4); ``epochs``,
+    ``quench_epochs`` and ``lr`` apply to the paper recipe only; ``score_rounds``: score
+    the test split after every round (False: the last only).
     """
 
     start: float = 0.01
@@ -65,6 +69,7 @@ class ActiveSpec:
     rounds: int = 5
     threshold: float = 0.9
     pseudo: str = "hard"
+    recipe: str = "tuned"
     epochs: int = 100
     quench_epochs: int = 10
     lr: float = 2.5e-4
@@ -147,6 +152,8 @@ def check_spec(spec: ActiveSpec, n_train: int) -> tuple[int, int]:
         raise CredannoError(f"--threshold must be in (0, 1], got {spec.threshold:g}")
     if spec.rounds < 0:
         raise CredannoError(f"--rounds must be >= 0, got {spec.rounds}")
+    if spec.recipe not in ("tuned", "paper"):
+        raise CredannoError(f"unknown recipe {spec.recipe!r}; use tuned or paper")
     if spec.pseudo not in PSEUDO_KINDS:
         raise CredannoError(f"--pseudo {spec.pseudo!r}: choose one of {', '.join(PSEUDO_KINDS)}")
     for opt, name in (("--strategy", spec.strategy), ("--query", spec.query)):
@@ -333,7 +340,11 @@ class _Loop:
         if self.spec.pseudo == "soft" and keep.any():  # true labels stay hard (NaN rows)
             soft = [np.concatenate([np.full((len(self.labelled), q.shape[1]), np.nan),
                                     q[keep]]) for q in self.pseudo_q]
-        self.model = JointLinearProbe(seed=self.spec.seed, device=self.spec.device).fit(
+        from credanno.eval.specs import PaperRecipe
+
+        paper = PaperRecipe(epochs=epochs, lr=self.spec.lr)  # unused by the tuned recipe
+        self.model = JointLinearProbe(recipe=self.spec.recipe, paper=paper, seed=self.spec.seed,
+                                      device=self.spec.device).fit(
             self.x[rows], Y, soft=soft)
 
     def refresh_pseudo(self) -> tuple[int, float]:
