@@ -145,8 +145,14 @@ def main(paths: list[str]) -> None:
             frames.append(targets(data, path, logreg))
         print(frames[-1].to_string(index=False), flush=True)
     table = pd.concat(frames)
-    print(table.to_markdown(index=False) if "--markdown" in sys.argv else
-          table.to_string(index=False))
+    print(_markdown(table) if "--markdown" in sys.argv else table.to_string(index=False))
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    """A Markdown table (pandas' ``to_markdown`` needs the optional ``tabulate``)."""
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * df.shape[1]]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in df.itertuples(index=False)]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
