@@ -376,3 +376,123 @@ def test_soft_targets_move_the_fit():
                            .predict_proba(Xt), p_hard, atol=1e-4)
     with pytest.raises(CredannoError, match="expected \\(40, 2\\)"):
         JointLinearProbe().fit(X, y, soft=np.full((39, 2), 0.5))
+
+
+def test_batched_lbfgs_is_torch_lbfgs_per_problem():
+    """Each row of ``batch_lbfgs`` takes ``torch.optim.LBFGS``'s path on that problem alone
+    (strong Wolfe search with extrapolation and zoom, stopping tests, max_iter), however
+    long the others run."""
+    import torch
+
+    from credanno.eval.lbfgs import batch_lbfgs
+
+    g = torch.Generator().manual_seed(0)
+    nb, n, N = 6, 30, 12
+    A = (torch.randn(nb, n, N, generator=g, dtype=torch.float64)
+         * torch.logspace(-1, 1, nb, dtype=torch.float64)[:, None, None])
+    y = (torch.rand(nb, n, generator=g) < 0.5).double()
+    lam = torch.logspace(-4, 0, nb, dtype=torch.float64)
+
+    def loss(x, k):  # L2-penalised logistic loss of problem k
+        z = A[k] @ x
+        return (torch.nn.functional.softplus(z) - y[k] * z).sum() + 0.5 * lam[k] * x @ x
+
+    def make_fg(idx):
+        ks = torch.arange(nb) if idx is None else idx
+
+        def fg(X):
+            z = torch.bmm(A[ks], X[:, :, None])[..., 0]
+            f = ((torch.nn.functional.softplus(z) - y[ks] * z).sum(1)
+                 + 0.5 * lam[ks] * (X * X).sum(1))
+            grad = torch.bmm(A[ks].transpose(1, 2), (torch.sigmoid(z) - y[ks])[..., None])[..., 0]
+            return f, grad + lam[ks][:, None] * X
+        return fg
+
+    x0 = torch.full((nb, N), 0.3, dtype=torch.float64)
+    for max_iter in (8, 100):
+        ours = batch_lbfgs(make_fg, x0, max_iter)
+        for k in range(nb):
+            x = x0[k].clone().requires_grad_()
+            opt = torch.optim.LBFGS([x], lr=1, max_iter=max_iter, history_size=10,
+                                    tolerance_grad=1e-5, tolerance_change=1e-8,
+                                    line_search_fn="strong_wolfe")
+
+            def closure(x=x, k=k, opt=opt):
+                opt.zero_grad()
+                f = loss(x, k)
+                f.backward()
+                return f
+
+            opt.step(closure)
+            torch.testing.assert_close(ours[k], x.detach(), atol=1e-8, rtol=1e-7)
+
+
+def _head_proba(h, Xt, lay):
+    """Per-head probabilities of one configuration's tuned heads on features Xt."""
+    import torch
+
+    Z = Xt @ h.W_x + h.b
+    if h.W_z is not None:
+        Z = torch.cat([Z[:, :lay.n_exp], Z[:, lay.n_exp:] + Z[:, :lay.n_exp] @ h.W_z], 1)
+    Z = Z.masked_fill(~h.allowed, -np.inf)
+    return [torch.softmax(Z[:, lay.starts[j]:lay.starts[j + 1]], 1).numpy()
+            for j in range(len(lay.order))]
+
+
+def test_batched_configurations_fit_as_each_alone():
+    """Configurations with the same number of labelled rows are fitted as one batch:
+    every one gets what it gets alone (penalty per head, heads, predictions), including
+    nodule-grouped folds, rank-deficient rows (each row twice: a zero-padded basis) and
+    soft targets; the rank-deficient one also matches scikit-learn at its penalty."""
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from credanno.eval.probe import HeadLayout
+    from credanno.eval.tuned import fit_tuned_config, fit_tuned_configs
+
+    X, y, Xt, _ = _problem(1.0, seed=9, n=200, d=60, k=3)
+    Y = np.stack([y, (X[:, 0] > 0).astype(int) + (X[:, 1] > 1), X[:, 2] > 0], 1).astype(int)
+    lay = HeadLayout(["a", "b", "malignancy"], [3, 3, 2], cls=2)
+    mu, sd = X.mean(0), X.std(0)
+    Xs, Xts = (X - mu) / sd, torch.from_numpy((Xt - mu) / sd).double()
+    rng = np.random.default_rng(9)
+    rows = [rng.choice(200, 40, replace=False), rng.choice(200, 40, replace=False),
+            np.repeat(rng.choice(200, 20, replace=False), 2), rng.choice(200, 40, replace=False)]
+    groups = [None, rows[1] // 3, None, None]
+    soft = np.full((40, lay.width), np.nan)
+    soft[:15, lay.columns(1)] = rng.dirichlet(np.ones(3), 15)
+    softs = [None, None, None, soft]
+    Xc = [torch.from_numpy(Xs[r]).double() for r in rows]
+    batch = fit_tuned_configs(Xc, [Y[r] for r in rows], lay, groups, soft_list=softs)
+    for i, r in enumerate(rows):
+        alone = fit_tuned_config(Xc[i], Y[r], lay, groups[i], soft=softs[i])
+        np.testing.assert_array_equal(batch[i].C, alone.C)
+        for p, q in zip(_head_proba(batch[i], Xts, lay), _head_proba(alone, Xts, lay),
+                        strict=True):
+            assert np.abs(p - q).max() <= 1e-6
+            assert (p.argmax(1) == q.argmax(1)).mean() >= 0.995
+    C = batch[2].C[0]  # head "a" of the rank-deficient configuration
+    sk = LogisticRegression(C=C, max_iter=5000, tol=1e-10).fit(Xs[rows[2]], Y[rows[2], 0])
+    ours = _head_proba(batch[2], Xts, lay)[0]
+    assert (ours.argmax(1) == sk.predict(Xts.numpy())).mean() >= 0.99
+    assert np.abs(ours - sk.predict_proba(Xts.numpy())).max() <= 1e-3
+
+
+def test_tuned_runs_are_grouped_by_size_and_fitted_as_alone():
+    """``train_joint_heads`` with configurations of several sizes (one repeated) returns,
+    per configuration and in order, the heads it would get alone."""
+    import torch
+
+    from credanno.eval.probe import ProbeRun, train_joint_heads
+
+    X, Y, lay = _soft_problem()
+    rng = np.random.default_rng(3)
+    sets = [np.sort(rng.choice(90, m, replace=False)) for m in (30, 60, 30, 30)]
+    runs = [ProbeRun(s) for s in (*sets, sets[1])]
+    spec = ProbeSpec(device="cpu")
+    together = train_joint_heads(X, Y, lay, runs, spec)
+    for c, run in enumerate(runs):
+        alone = train_joint_heads(X, Y, lay, [run], spec)
+        torch.testing.assert_close(together.exp.W_x[c], alone.exp.W_x[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(together.exp.W_z[c], alone.exp.W_z[0], atol=1e-5, rtol=0)
+        assert torch.equal(together.mask[c], alone.mask[0])

@@ -271,12 +271,14 @@ def _train_tuned(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[Pr
     """The tuned recipe (:mod:`credanno.eval.tuned`): every configuration fitted to
     convergence with its penalty cross-validated inside its labelled rows. Trains on the
     plain features (``views`` unused: the penalty, not augmentation, regularises);
-    ``soft`` (n, W): soft targets in the layout's columns (NaN rows: the hard label)."""
+    ``soft`` (n, W): soft targets in the layout's columns (NaN rows: the hard label).
+    Identical subsets (e.g. all labels, every seed) are fitted once; subsets with the same
+    number of rows (every seed of a label fraction) are fitted together
+    (:func:`~credanno.eval.tuned.fit_tuned_configs`)."""
     import torch
 
-    from credanno.eval.tuned import fit_tuned_config
+    from credanno.eval.tuned import fit_tuned_configs
 
-    # TODO(issue 12): soft targets for the tuned recipe (another change implements them)
     dev = torch.device(spec.device)
     n = len(X)
     Y = np.asarray(Y, dtype=np.int64).reshape(n, -1)
@@ -284,28 +286,41 @@ def _train_tuned(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[Pr
     if soft is not None and np.shape(soft) != (n, layout.width):
         raise CredannoError(f"soft targets of shape {np.shape(soft)}, expected "
                             f"({n}, {layout.width}) (see HeadLayout.to_columns)")
-    fits, done = [], {}
-    it = runs
-    if progress:
-        from tqdm import tqdm
-        it = tqdm(runs, desc="probes (tuned)", unit="configuration")
-    for r in it:
+    soft = None if soft is None else np.asarray(soft, dtype=np.float64)
+    keys, todo = [], {}  # todo: distinct subset -> (rows, groups, soft rows)
+    for r in runs:
         rows = np.asarray(r.rows, dtype=np.int64)
         if len(rows) == 0:
             raise CredannoError("a configuration has no labelled training rows; use a larger "
                                 "--frac")
-        Xc = f.X[torch.as_tensor(rows, device=dev)]
-        # float64 where it is cheap (small subsets): L-BFGS then converges tightly
-        Xc = Xc.double() if Xc.numel() <= 1_000_000 and dev.type == "cpu" else Xc
         groups = None if r.groups is None else np.asarray(r.groups)
-        q = None if soft is None else np.asarray(soft, dtype=np.float64)[rows]
+        q = None if soft is None else soft[rows]
         key = (rows.tobytes(), None if groups is None else groups.tobytes(),
                None if q is None else q.tobytes())
-        if key not in done:  # identical rows (e.g. all labels, every seed): one fit
-            done[key] = fit_tuned_config(Xc, Y[rows], layout, groups, spec.Cs, spec.cv_folds,
-                                         soft=q)
-        fits.append(done[key])
-    return _stack_tuned(fits, layout, f, dev)
+        keys.append(key)
+        todo.setdefault(key, (rows, groups, q))
+    by_size: dict[int, list] = {}
+    for key, (rows, _, _) in todo.items():
+        by_size.setdefault(len(rows), []).append(key)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc="probes (tuned)", unit="configuration")
+    done = {}
+    for group in by_size.values():
+        rows, groups, qs = zip(*(todo[k] for k in group), strict=True)
+        Xs = [f.X[torch.as_tensor(r, device=dev)] for r in rows]
+        # float64 where it is cheap (small subsets): L-BFGS then converges tightly
+        if Xs[0].numel() <= 1_000_000 and dev.type == "cpu":
+            Xs = [x.double() for x in Xs]
+        fits = fit_tuned_configs(Xs, [Y[r] for r in rows], layout, list(groups), spec.Cs,
+                                 spec.cv_folds, soft_list=list(qs))
+        done.update(zip(group, fits, strict=True))
+        if bar is not None:
+            bar.update(len(group))
+    if bar is not None:
+        bar.close()
+    return _stack_tuned([done[k] for k in keys], layout, f, dev)
 
 
 def _stack_tuned(fits: list, layout: HeadLayout, f: _Features, dev) -> JointHeads:
