@@ -99,7 +99,9 @@ def budget_fields(r: ReportInputs) -> dict[str, str]:
     for frac in (0.01, 0.1):
         for method, name in (("knn", "k-NN"), ("probe", "the probe")):
             best, gain = b.gain_over_random(frac, method)
-            if best:
+            if best == "random":  # the best mean is random's own: say so, not "+0.0"
+                parts.append(f"{frac:.0%} with {name}: no strategy beats random")
+            elif best:
                 parts.append(f"{frac:.0%} with {name}: {md_text(best)} {gain:+.1f} points")
     seeds = sorted(int(s) for s in b.raw["seed"].unique())
     sentence = ("On the phantom, the best label-free strategy's malignancy gain over random "
