@@ -18,7 +18,7 @@ from credanno.synthetic import synthetic_features, synthetic_table
 
 PROV = {"encoder": {"kind": "synthetic", "arch": "none", "sha256": "a" * 64}}
 SPEC = ActiveSpec(start=0.05, budget=0.15, rounds=3, epochs=20, quench_epochs=5,
-                  threshold=0.6, lr=0.05, device="cpu")
+                  threshold=0.6, pseudo="hard", lr=0.05, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,10 @@ def scrambled_test(tmp_path_factory, table):
 @pytest.mark.parametrize("query,pseudo", [("least-confidence", "hard"), ("margin", "hard"),
                                           ("coreset", "hard"), ("least-confidence", "soft")])
 def test_test_labels_never_steer_the_loop(store, scrambled_test, table, query, pseudo):
-    spec = ActiveSpec(**{**SPEC.__dict__, "query": query, "pseudo": pseudo})
+    # soft targets make the refitted heads less sure of themselves: a lower threshold
+    # keeps pseudo-labels in every round, so their accuracy can be checked below
+    spec = ActiveSpec(**{**SPEC.__dict__, "query": query, "pseudo": pseudo,
+                         "threshold": 0.55 if pseudo == "soft" else SPEC.threshold})
     a, b = run_active(store, spec), run_active(scrambled_test, spec)
     np.testing.assert_array_equal(a.labelled, b.labelled)
     pd.testing.assert_frame_equal(a.pseudo, b.pseudo)
@@ -172,3 +175,27 @@ def test_cli_soft_pseudo_labels(store, tmp_path, capsys, monkeypatch):
 def test_bad_input_is_one_line(store, capsys, args, match):
     line = cli_error(capsys, ["active", "--store", str(store), "--device", "cpu", *args])
     assert match in line
+
+
+def test_a_seed_fitted_elsewhere_gives_the_same_run(store):
+    """``run_active_arrays(..., seed=ActiveSeed(rows, model))`` (how ``bench budget`` hands
+    over seed sets fitted in its batched sweep) runs exactly as the loop that picks and
+    fits that seed set itself."""
+    from credanno.eval.active import ActiveSeed, check_spec, run_active_arrays
+    from credanno.eval.data import open_eval_data
+    from credanno.eval.estimator import JointLinearProbe, fit_many
+    from credanno.eval.strategies import pick
+
+    spec = ActiveSpec(start=0.05, budget=0.1, rounds=2, threshold=0.6, device="cpu")
+    with open_eval_data(store, "cls") as d:
+        args = (d.train_x, d.train_table, d.test_x, d.test_table, d.labels, spec)
+        own = run_active_arrays(*args)
+        rows = pick("kmeans", d.train_table, d.train_x, check_spec(spec, len(d.train_x))[0],
+                    spec.seed, device="cpu").rows
+        model = fit_many(JointLinearProbe(device="cpu"), d.train_x,
+                         d.train_table[d.labels], [rows], d.train_table["nodule_id"])[0]
+        handed = run_active_arrays(*args, seed=ActiveSeed(rows, model))
+    np.testing.assert_array_equal(own.labelled, handed.labelled)
+    cols = ["round", "n_labelled", "n_queried", "n_pseudo", "pseudo_acc"]
+    pd.testing.assert_frame_equal(own.rounds[cols], handed.rounds[cols])
+    pd.testing.assert_frame_equal(own.accuracy, handed.accuracy)

@@ -493,6 +493,94 @@ def test_tuned_runs_are_grouped_by_size_and_fitted_as_alone():
     together = train_joint_heads(X, Y, lay, runs, spec)
     for c, run in enumerate(runs):
         alone = train_joint_heads(X, Y, lay, [run], spec)
-        torch.testing.assert_close(together.exp.W_x[c], alone.exp.W_x[0], atol=1e-5, rtol=0)
-        torch.testing.assert_close(together.exp.W_z[c], alone.exp.W_z[0], atol=1e-5, rtol=0)
+        # float32 fits: a batch's products round differently from one configuration's,
+        # so the L-BFGS paths agree to rounding, not bit for bit
+        torch.testing.assert_close(together.exp.W_x[c], alone.exp.W_x[0], atol=1e-3, rtol=0)
+        torch.testing.assert_close(together.exp.W_z[c], alone.exp.W_z[0], atol=1e-3, rtol=0)
         assert torch.equal(together.mask[c], alone.mask[0])
+
+
+def test_estimator_scaled_by_the_unlabelled_rest_is_probe_sweep_of_its_rows():
+    """``fit(X[rows], Y, unlabelled=X[rest])`` scales by the whole training split, as
+    ``probe_sweep`` of the same rows does (few labelled rows alone give noisy statistics):
+    the same probabilities and, with ``decide``, the same scored classes."""
+    from credanno.eval.probe import JointLinearProbe, probe_sweep
+
+    table = synthetic_table(n_nodules=60, per_nodule=3, seed=5)
+    feats = synthetic_features(table, dim=12, signal=2.0)
+    feats = feats * np.linspace(0.2, 5, 12, dtype=np.float32) + 3  # scales worth fixing
+    train = (table["split"] == "train").to_numpy()
+    data = EvalData.from_arrays(feats[train], table[train].reset_index(drop=True),
+                                feats[~train], table[~train].reset_index(drop=True))
+    rows = np.random.default_rng(0).choice(len(data.train_x), 40, replace=False)
+    rows.sort()
+    sweep = probe_sweep(data, [rows], ProbeSpec(kind=None), n_boot=1).configs[0]
+    rest = np.setdiff1d(np.arange(len(data.train_x)), rows)
+    nodules = data.train_table["nodule_id"].to_numpy()[rows]  # the sweep's CV folds
+    est = JointLinearProbe().fit(data.train_x[rows], data.train_table.loc[rows, data.labels],
+                                 groups=nodules, unlabelled=data.train_x[rest])
+    probs = est.predict_proba(data.test_x)
+    decided = est.decide(data.test_x)
+    for i, name in enumerate(data.labels):
+        np.testing.assert_allclose(probs[i], sweep.probas[name], atol=1e-5)
+        np.testing.assert_array_equal(decided[:, i], sweep.preds[name])
+    alone = JointLinearProbe().fit(data.train_x[rows], data.train_table.loc[rows, data.labels],
+                                   groups=nodules)
+    assert not np.allclose(alone.predict_proba(data.test_x)[0], probs[0], atol=1e-3)
+    with pytest.raises(CredannoError, match="unlabelled features of shape"):
+        JointLinearProbe().fit(data.train_x[rows], data.train_table.loc[rows, data.labels],
+                               unlabelled=data.train_x[rest, :5])
+
+
+def test_quenching_converges_to_the_fit_at_the_same_penalties():
+    """``quench_tuned`` refits given heads on new rows at their penalties: run to
+    convergence it reaches the fit of those rows at those penalties (the optimum is
+    unique), and from heads already optimal for the rows it stays put."""
+    import torch
+
+    from credanno.eval.probe import HeadLayout
+    from credanno.eval.tuned import MAX_ITER, fit_tuned_config, quench_tuned
+
+    X, y, Xt, _ = _problem(1.0, seed=11, n=200, d=30, k=3)
+    Y = np.stack([y, (X[:, 0] > 0).astype(int) + (X[:, 1] > 1), X[:, 2] > 0], 1).astype(int)
+    lay = HeadLayout(["a", "b", "malignancy"], [3, 3, 2], cls=2)
+    Xs = torch.from_numpy((X - X.mean(0)) / X.std(0)).double()
+    Xts = torch.from_numpy((Xt - X.mean(0)) / X.std(0)).double()
+    old, new = np.arange(40), np.arange(120)
+    prev = fit_tuned_config(Xs[old], Y[old], lay, None, Cs=(0.1,))
+    want = fit_tuned_config(Xs[new], Y[new], lay, None, Cs=(0.1,))
+    got = quench_tuned(Xs[new], Y[new], lay, prev, max_iter=MAX_ITER)
+    np.testing.assert_array_equal(got.C, prev.C)
+    for p, q in zip(_head_proba(got, Xts, lay), _head_proba(want, Xts, lay), strict=True):
+        assert np.abs(p - q).max() <= 1e-3  # both stop at L-BFGS's gradient tolerance
+    short = quench_tuned(Xs[new], Y[new], lay, want, max_iter=5)  # already optimal
+    for p, q in zip(_head_proba(short, Xts, lay), _head_proba(want, Xts, lay), strict=True):
+        assert np.abs(p - q).max() <= 1e-3
+    before = _head_proba(prev, Xts, lay)[2]
+    moved = _head_proba(quench_tuned(Xs[new], Y[new], lay, prev, max_iter=5), Xts, lay)[2]
+    assert np.abs(moved - before).max() > 1e-3  # a short quench does move the heads
+
+
+def test_fit_many_is_each_subset_fitted_alone():
+    """``fit_many`` (one batched sweep over subsets of a training split) gives each subset
+    the probe ``fit(X[rows], ..., unlabelled=X[rest])`` gives it alone."""
+    from credanno.eval.estimator import JointLinearProbe, fit_many
+
+    table = synthetic_table(n_nodules=60, per_nodule=3, seed=7)
+    train = table[table["split"] == "train"].reset_index(drop=True)
+    test = table[table["split"] == "test"].reset_index(drop=True)
+    feats = synthetic_features(pd.concat([train, test]), dim=10, signal=2.0)
+    X, Xt = feats[:len(train)], feats[len(train):]
+    rng = np.random.default_rng(1)
+    subsets = [np.sort(rng.choice(len(X), m, replace=False)) for m in (30, 30, 50)]
+    nodules = train["nodule_id"].to_numpy()
+    many = fit_many(JointLinearProbe(), X, train[["malignancy", "subtlety", "margin"]],
+                    subsets, nodules)
+    for est, rows in zip(many, subsets, strict=True):
+        rest = np.setdiff1d(np.arange(len(X)), rows)
+        alone = JointLinearProbe().fit(X[rows], train.loc[rows, ["malignancy", "subtlety",
+                                                                  "margin"]],
+                                       groups=nodules[rows], unlabelled=X[rest])
+        for p, q in zip(est.predict_proba(Xt), alone.predict_proba(Xt), strict=True):
+            assert np.abs(p - q).max() <= 2e-3  # float32 batch vs alone: rounding only
+        np.testing.assert_array_equal(est.decide(Xt), alone.decide(Xt))

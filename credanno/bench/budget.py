@@ -15,14 +15,14 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from credanno.errors import CredannoError
 from credanno.numerics import mean_sd
-from credanno.outputs import md_text, write_csv
+from credanno.outputs import md_text, one_line, write_csv
 
 BUDGET_FRACS: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 1.0)
 BUDGET_STRATEGIES: tuple[str, ...] = ("random", "kmeans", "typiclust", "probcover", "coreset")
@@ -37,23 +37,23 @@ PUBLISHED: tuple[tuple[str, float, float, float | None], ...] = (
     ("cRedAnno+", 1.0, 87.56, 0.61),
 )
 REAL_CT = "published, real CT (LIDC-IDRI), not this data"
+#: the strategy name of a full budget's cell while the grid runs (every image labelled)
+FULL = "(all)"
 
 
 @dataclass(frozen=True)
 class BudgetSpec:
     """The grid: ``fracs`` (budgets as label fractions), ``strategies`` (label-free,
-    registry names), ``methods`` (of :data:`METHODS`), ``seeds``; ``k`` of the k-NN,
-    ``probe_epochs`` of the probe and the semi loop's seed training, ``semi_rounds`` and
-    ``quench_epochs`` of its rounds; ``kind`` the feature set; ``device``."""
+    registry names), ``methods`` (of :data:`METHODS`), ``seeds``; ``k`` of the k-NN;
+    ``semi_rounds`` of the semi-supervised loop; ``kind`` the feature set; ``device``.
+    The probes are the tuned recipe (fitted to convergence, no epochs to set)."""
 
     fracs: tuple[float, ...] = BUDGET_FRACS
     strategies: tuple[str, ...] = BUDGET_STRATEGIES
     methods: tuple[str, ...] = METHODS
     seeds: tuple[int, ...] = (0, 1, 2)
     k: int = 10
-    probe_epochs: int = 100
     semi_rounds: int = 2
-    quench_epochs: int = 10
     kind: str = "cls"
     device: str | None = None
 
@@ -119,8 +119,14 @@ class BudgetResult:
         method = method or ("semi" if "semi" in set(self.raw["method"]) else
                             str(self.raw["method"].iloc[0]))
         s = self.summary()
+        mal = self.raw[self.raw["label"] == "malignancy"]
+        seeds = sorted(int(x) for x in mal["seed"].unique())
+        caption = (f"Data: {self.params.get('data', 'unknown source')}. Store "
+                   f"{one_line(Path(str(self.params.get('store', ''))).name)}; seeds {seeds}. "
+                   "Dotted: the constant baseline (the most frequent class).")
         return budget_figure(s[s["method"] == method], title=f"malignancy, "
-                             f"{METHOD_NAMES[method]}: accuracy vs labelling budget")
+                             f"{METHOD_NAMES[method]}: accuracy vs labelling budget",
+                             caption=caption, baseline=float(mal["baseline"].iloc[0]))
 
 
 def _cell(g: pd.DataFrame, frac: float) -> str:
@@ -150,32 +156,54 @@ def check_budget_spec(spec: BudgetSpec, n_train: int) -> None:
 def run_budget(store: Any = None, spec: BudgetSpec | None = None) -> BudgetResult:
     """Run the grid of ``spec`` on ``store`` (a path, an open store, or None for the newest
     under ``stores/``)."""
-    from credanno.eval.active import _kind_check
+    from credanno.eval.active import check_store_kind
     from credanno.eval.data import open_eval_data
     from credanno.runtime import resolve_device
 
     spec = spec or BudgetSpec()
     started = time.perf_counter()
-    _kind_check(store, spec.kind)
+    check_store_kind(store, spec.kind)
     device = resolve_device(spec.device)
     with open_eval_data(store, spec.kind) as data:
         if "malignancy" not in data.labels:
             raise CredannoError("bench budget needs malignancy labels; the store has none")
         check_budget_spec(spec, len(data.train_x))
         grid = _Grid(data, spec, device)
-        rows = [r for f in spec.fracs for s in spec.strategies for seed in spec.seeds
-                for r in grid.cell(f, s, seed)]
+        rows = grid.run()
         params = {"command": "credanno bench budget", "store": data.paths["train"],
                   "kind": data.kind, "n_train": len(data.train_x), "n_test": len(data.test_x),
                   **{k: list(v) if isinstance(v, tuple) else v
-                     for k, v in spec.__dict__.items()}, "device": device}
+                     for k, v in spec.__dict__.items()}, "device": device,
+                  "probe_recipe": "tuned", "standardize": "training split",
+                  "seconds_by_part": grid.seconds, "data": _data_text(data)}
     params["seconds"] = round(time.perf_counter() - started, 2)
     return BudgetResult(pd.DataFrame(rows), params)
 
 
+def _data_text(data: Any) -> str:
+    """One line naming the data the store was computed from (phantom, LIDC, ...)."""
+    from credanno.viz.source import describe_source
+
+    try:
+        return describe_source(data.provenance, data.paths.get("train")).text
+    except CredannoError:  # a store whose source cannot be told: say so, do not fail
+        return "unknown source"
+
+
+class _Cell(NamedTuple):
+    """One (budget, strategy, seed) of the grid and its labelled training rows."""
+
+    frac: float
+    n: int
+    strategy: str
+    seed: int
+    rows: np.ndarray
+
+
 class _Grid:
-    """One store's evaluation: picks, k-NN, probe and semi loop per (budget, strategy,
-    seed); a full budget (every image labelled, whatever the strategy) runs once per seed."""
+    """One store's evaluation: the picks of every (budget, strategy, seed), the probes of
+    every cell and semi seed set as one batched sweep, then each method per cell; a full
+    budget (every image labelled, whatever the strategy) is evaluated once per seed."""
 
     def __init__(self, data: Any, spec: BudgetSpec, device: str) -> None:
         from credanno.labels import label_spec
@@ -185,37 +213,108 @@ class _Grid:
         self.y = data.train_table[data.labels].to_numpy().astype(np.int64)
         self.test_y = data.test_table[data.labels].to_numpy().astype(np.int64)
         self.specs = [label_spec(n) for n in data.labels]
-        self._full: dict[int, list[dict[str, Any]]] = {}
 
-    def cell(self, frac: float, strategy: str, seed: int) -> list[dict[str, Any]]:
-        n = max(1, int(round(frac * len(self.x))))
-        if n >= len(self.x) and seed in self._full:
-            return [{**r, "strategy": strategy} for r in self._full[seed]]
-        rows = np.arange(len(self.x)) if n >= len(self.x) else self._pick(strategy, n, seed)
+    def run(self) -> list[dict[str, Any]]:
+        """Every cell's rows; ``self.seconds``: the time of each part."""
+        self.seconds: dict[str, float] = {}
+        t0 = time.perf_counter()
+        cells = self._cells()
+        self._fit_probes(cells)
+        t1 = time.perf_counter()
+        self.seconds.update(picks=round(self._pick_seconds, 2),
+                            probe_sweep=round(t1 - t0 - self._pick_seconds, 2))
         out = []
         for method in self.spec.methods:
-            preds = getattr(self, f"_{method}")(rows, frac, strategy, seed)
-            out += self._score(preds, frac, n, strategy, method, seed)
-        if n >= len(self.x):
-            self._full[seed] = out
-        return out
+            for cell in cells:
+                out += self._score(getattr(self, f"_{method}")(cell), cell, method)
+            t2 = time.perf_counter()
+            self.seconds[method] = round(t2 - t1, 2)  # probe: decisions only (fitted above)
+            t1 = t2
+        return self._with_full_rows(out)
+
+    def _n(self, frac: float) -> int:
+        return max(1, int(round(frac * len(self.x))))
 
     def _pick(self, strategy: str, n: int, seed: int) -> np.ndarray:
-        from credanno.eval.strategies import (
-            SubsetContext,
-            _LazyFeatures,
-            check_selection,
-            get_strategy,
-            label_free,
-        )
+        """The strategy's picks (cached: the semi loop's seed set of one budget is often a
+        smaller budget's pick)."""
+        from credanno.eval.strategies import pick
 
-        ctx = SubsetContext(label_free(self.data.train_table), n, seed, None, n, "annotation",
-                            None, _LazyFeatures(self.x), device=self.device)
-        return check_selection(get_strategy(strategy).select(ctx), len(self.x), strategy).rows
+        key = (strategy, n, seed)
+        if key not in self._picks:
+            t0 = time.perf_counter()
+            self._picks[key] = pick(strategy, self.data.train_table, self.x, n, seed,
+                                    device=self.device).rows
+            self._pick_seconds += time.perf_counter() - t0
+        return self._picks[key]
 
-    def _knn(self, rows, frac, strategy, seed) -> list[np.ndarray]:
+    def _cells(self) -> list[_Cell]:
+        n_train, cells = len(self.x), []
+        self._picks: dict[tuple, np.ndarray] = {}
+        self._pick_seconds = 0.0
+        for f in self.spec.fracs:
+            n = self._n(f)
+            for seed in self.spec.seeds:
+                if n >= n_train:  # every image labelled: one cell, whatever the strategy
+                    cells.append(_Cell(f, n_train, FULL, seed, np.arange(n_train)))
+                    continue
+                cells += [_Cell(f, n, s, seed, self._pick(s, n, seed))
+                          for s in self.spec.strategies]
+        return cells
+
+    def _with_full_rows(self, out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The full budget's rows repeated under every strategy's name (one line each)."""
+        rows = []
+        for r in out:
+            if r["strategy"] != FULL:
+                rows.append(r)
+            else:
+                rows += [{**r, "strategy": s} for s in self.spec.strategies]
+        return rows
+
+    def _semi_seed(self, cell: _Cell) -> np.ndarray | None:
+        """The semi loop's seed set of ``cell``: half its budget, by its strategy."""
+        if "semi" not in self.spec.methods or cell.strategy == FULL or cell.n < 2:
+            return None
+        from credanno.eval.active import check_spec
+
+        n_start = check_spec(self._semi_spec(cell), len(self.x))[0]
+        return self._pick(cell.strategy, n_start, cell.seed)
+
+    def _semi_spec(self, cell: _Cell):
+        from credanno.eval.active import ActiveSpec
+
+        # the strategy seeds, the model queries (least confidence: no re-clustering)
+        return ActiveSpec(start=cell.frac / 2, budget=cell.frac, strategy=cell.strategy,
+                          rounds=self.spec.semi_rounds, seed=cell.seed, device=self.device,
+                          score_rounds=False)
+
+    def _fit_probes(self, cells: list[_Cell]) -> None:
+        """The tuned probe of every cell and of every semi loop's seed set, as one batched
+        sweep (:func:`credanno.eval.estimator.fit_many`: features scaled by the whole
+        training split; identical subsets fitted once, equal sizes together)."""
+        from credanno.eval.estimator import JointLinearProbe, fit_many
+
+        todo: dict[bytes, np.ndarray] = {}
+        if "probe" in self.spec.methods or "semi" in self.spec.methods:
+            for c in cells:
+                todo.setdefault(c.rows.tobytes(), c.rows)
+                seed_rows = self._semi_seed(c)
+                if seed_rows is not None:
+                    todo.setdefault(seed_rows.tobytes(), seed_rows)
+        self._models: dict[bytes, Any] = {}
+        if not todo:
+            return
+        table = self.data.train_table
+        groups = table["nodule_id"].to_numpy() if "nodule_id" in table else None
+        probe = JointLinearProbe(device=self.device)
+        models = fit_many(probe, self.x, table[self.data.labels], list(todo.values()), groups)
+        self._models = dict(zip(todo, models, strict=True))
+
+    def _knn(self, cell: _Cell) -> list[np.ndarray]:
         from credanno.eval.knn import knn_classify, knn_search, knn_vote
 
+        rows = cell.rows
         k = min(self.spec.k, len(rows))
         y = self.y[rows]
         if (y < 0).any():  # a missing label: each label's bank without its missing rows
@@ -227,38 +326,31 @@ class _Grid:
         pred = knn_vote(sims, y[idx], [k], [s.n_classes for s in self.specs])[k][0]
         return [pred[:, i] for i in range(len(self.specs))]
 
-    def _probe(self, rows, frac, strategy, seed) -> list[np.ndarray]:
-        from credanno.eval.probe import JointLinearProbe
+    def _probe(self, cell: _Cell) -> list[np.ndarray]:
+        """The tuned probe's decisions for the paper's metric (as ``credanno probe``)."""
+        return list(self._models[cell.rows.tobytes()].decide(self.data.test_x).T)
 
-        Y = pd.DataFrame(self.y[rows], columns=self.data.labels)
-        # the default (tuned) recipe: it has no epochs or lr to pass
-        m = JointLinearProbe(seed=seed, device=self.device).fit(self.x[rows], Y)
-        return [p.argmax(axis=1) for p in m.predict_proba(self.data.test_x)]
+    def _semi(self, cell: _Cell) -> list[np.ndarray]:
+        from credanno.eval.active import ActiveSeed, run_active_arrays
 
-    def _semi(self, rows, frac, strategy, seed) -> list[np.ndarray]:
-        from credanno.eval.active import ActiveSpec, run_active_arrays
-
-        if len(rows) >= len(self.x) or len(rows) < 2:
-            return self._probe(rows, frac, strategy, seed)  # no unlabelled rest / no half
-        # the strategy seeds, the model queries (least confidence: no re-clustering per round)
-        spec = ActiveSpec(start=frac / 2, budget=frac, strategy=strategy,
-                          rounds=self.spec.semi_rounds, epochs=self.spec.probe_epochs,
-                          quench_epochs=self.spec.quench_epochs, seed=seed,
-                          device=self.device, score_rounds=False)
+        seed_rows = self._semi_seed(cell)
+        if seed_rows is None:  # no unlabelled rest / no half to seed: the probe
+            return self._probe(cell)
+        seed = ActiveSeed(seed_rows, self._models[seed_rows.tobytes()])
         res = run_active_arrays(self.x, self.data.train_table, self.data.test_x,
-                                self.data.test_table, self.data.labels, spec)
-        return [p.argmax(axis=1) for p in res.model.predict_proba(self.data.test_x)]
+                                self.data.test_table, self.data.labels,
+                                self._semi_spec(cell), seed=seed)
+        return list(res.model.decide(self.data.test_x).T)
 
-    def _score(self, preds: list[np.ndarray], frac: float, n: int, strategy: str,
-               method: str, seed: int) -> list[dict[str, Any]]:
+    def _score(self, preds: list[np.ndarray], cell: _Cell, method: str) -> list[dict[str, Any]]:
         from credanno.eval.metrics import accuracy, baseline_accuracy
 
         out = []
         for i, (s, pred) in enumerate(zip(self.specs, preds, strict=True)):
             true = self.test_y[:, i]
             ok = true >= 0
-            out.append({"frac": frac, "n_labelled": n, "strategy": strategy, "method": method,
-                        "seed": seed, "label": s.name,
+            out.append({"frac": cell.frac, "n_labelled": cell.n, "strategy": cell.strategy,
+                        "method": method, "seed": cell.seed, "label": s.name,
                         "acc": accuracy(pred[ok], true[ok], s.tolerance),
                         "baseline": baseline_accuracy(true[ok], s.n_classes, s.tolerance)})
         return out

@@ -30,10 +30,10 @@ from credanno.commands._types import POSITIVE, SEED, RegistryChoice
 @click.option("--rounds", type=click.IntRange(0, 1000), default=5, show_default=True)
 @click.option("--threshold", type=float, default=0.9, show_default=True,
               help="Malignancy confidence an unlabelled image needs to be pseudo-labelled.")
-@click.option("--pseudo", type=click.Choice(["hard", "soft"]), default="hard",
+@click.option("--pseudo", type=click.Choice(["hard", "soft"]), default="soft",
               show_default=True,
-              help="Pseudo-labels as the heads' predicted classes (hard) or as every head's "
-                   "predicted probabilities, trained as soft targets (soft).")
+              help="Pseudo-labels as every head's predicted probabilities, trained as soft "
+                   "targets (soft), or as the heads' predicted classes (hard).")
 @click.option("--recipe", type=click.Choice(["tuned", "paper"]), default="tuned",
               show_default=True,
               help="How the heads train: tuned (to convergence, penalty cross-validated "

@@ -225,7 +225,6 @@ def gpu(dry_run: bool, device: str | None, out: Path | None) -> None:
 @click.option("--method", "methods", default="knn,probe,semi", show_default=True,
               help="knn, probe and/or semi (probe + cRedAnno+ semi-supervised rounds).")
 @click.option("--k", type=POSITIVE, default=10, show_default=True)
-@click.option("--probe-epochs", type=POSITIVE, default=100, show_default=True)
 @click.option("--rounds", type=click.IntRange(0, 100), default=2, show_default=True,
               help="Semi-supervised rounds (half the budget seeded, half requested).")
 @click.option("--kind", default="cls", show_default=True, help="Feature set.")
@@ -234,7 +233,7 @@ def gpu(dry_run: bool, device: str | None, out: Path | None) -> None:
               default=Path("results/budget.png"), show_default=True)
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def budget(store: Path | None, seeds: list[int], fracs: list[float],
-           strategies: tuple[str, ...], methods: str, k: int, probe_epochs: int, rounds: int,
+           strategies: tuple[str, ...], methods: str, k: int, rounds: int,
            kind: str, device: str | None, out: Path, csv_path: Path | None) -> None:
     """Accuracy against the labelling budget per label-free strategy (a generalised
     Fig. 4, after cRedAnno+): k-NN, probe, probe + semi-supervised rounds."""
@@ -243,7 +242,7 @@ def budget(store: Path | None, seeds: list[int], fracs: list[float],
     names = tuple(s.strip() for arg in strategies for s in arg.split(",") if s.strip())
     spec = BudgetSpec(fracs=tuple(fracs), strategies=names or BUDGET_STRATEGIES,
                       methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-                      seeds=tuple(seeds), k=k, probe_epochs=probe_epochs, semi_rounds=rounds,
+                      seeds=tuple(seeds), k=k, semi_rounds=rounds,
                       kind=kind, device=device)
     result = run_budget(store, spec)
     p = result.params

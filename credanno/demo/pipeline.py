@@ -293,8 +293,7 @@ def _budget(d: _Demo) -> None:
     from credanno.viz import save_figure
 
     spec = BudgetSpec(fracs=DEMO_BUDGET_FRACS, methods=DEMO_BUDGET_METHODS,
-                      seeds=tuple(d.spec.seed_list), probe_epochs=d.spec.probe_epochs,
-                      device=d.device)
+                      seeds=tuple(d.spec.seed_list), device=d.device)
     d.budget = run_budget(d.stores["teacher"], spec)
     d.figures["budget"] = save_figure(d.budget.figure("knn"), d.path("figures", "budget.png"))
     d.budget.to_csv(d.path("tables", "budget.csv"), option="--out")

@@ -8,17 +8,20 @@ malignancy) and changes how the few labels are chosen and used:
    (``start`` of the training images) and the heads train on it;
 2. *pseudo-labels*: every unlabelled training image whose malignancy confidence (max
    softmax probability) exceeds ``threshold`` keeps the heads' predictions as labels:
-   the predicted classes (``pseudo="hard"``, the default) or the predicted probabilities
-   of every head as soft targets (``pseudo="soft"``, cRedAnno+'s option);
+   the predicted probabilities of every head as soft targets (``pseudo="soft"``, the
+   default, cRedAnno+'s option) or the predicted classes (``pseudo="hard"``);
 3. *semi-supervised active rounds*: over ``rounds`` rounds more true labels are requested
    (by ``query``: least confidence, margin, or a label-free strategy complementing the
    labelled set) until the total reaches ``budget``, and the heads are retrained on true
    labels + pseudo-labels with a short schedule (*training quenching*, ``quench_epochs``).
 
 The store's labels act as the oracle: a training image's labels are read only once it is
-requested. Nothing here reads a test label except to score each round, and no model is
-selected at all (every fit keeps its last epoch), so the test split cannot leak into the
-loop; the public cRedAnno+ code picks epochs on the test split. Soft pseudo-labels train
+requested. Nothing here reads a test label except to score each round, and the only model
+selection (the tuned recipe's penalty) is cross-validated inside the seed set's labelled
+images, so the test split cannot leak into the loop; the public cRedAnno+ code picks
+epochs on the test split. With the tuned recipe each round is *quenched*: refitted from
+the previous heads at their penalties for a few L-BFGS iterations
+(:func:`credanno.eval.tuned.quench_tuned`). Soft pseudo-labels train
 the tuned recipe of :class:`~credanno.eval.probe.JointLinearProbe` on probability targets
 (cross-entropy ``-sum_c q_c log p_c``, :mod:`credanno.eval.tuned`); the pseudo-label
 accuracy reported per round is that of their most probable malignancy class either way.
@@ -30,7 +33,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -51,13 +54,15 @@ class ActiveSpec:
     and of the final labelled set (``budget >= start``); ``strategy``: the label-free seed
     strategy; ``query``: a rule of :data:`QUERY_RULES` or a label-free strategy; ``rounds``:
     active rounds (0: seed set + pseudo-labels only); ``threshold``: malignancy confidence a
-    pseudo-label needs; ``pseudo``: ``"hard"`` (predicted classes) or ``"soft"`` (every
-    head's predicted probabilities as soft targets); ``recipe``: how the heads train,
-    ``"tuned"`` (default: every fit to convergence, its L2 penalty cross-validated inside
-    the labelled images, so noisy pseudo-labels are held back by the penalty rather than
-    by stopping early) or ``"paper"`` (SGD as the paper: ``epochs`` on the seed set, then
-    each round retrained from scratch for ``quench_epochs``, cRedAnno+'s *training
-    quenching*, at learning rate ``lr``, the paper's partial-label 2.5e-4); ``epochs``,
+    pseudo-label needs; ``pseudo``: ``"soft"`` (default: every head's predicted
+    probabilities as soft targets) or ``"hard"`` (predicted classes); ``recipe``: how the
+    heads train, ``"tuned"`` (default: the seed set fitted to convergence, its L2 penalty
+    per head cross-validated inside the labelled images; each round then *quenched*,
+    cRedAnno+'s short retraining: refitted on true + pseudo-labels from the previous
+    heads at their penalties for a few L-BFGS iterations,
+    :func:`credanno.eval.tuned.quench_tuned`) or ``"paper"`` (SGD as the paper: ``epochs``
+    on the seed set, then each round retrained from scratch for ``quench_epochs``, at
+    learning rate ``lr``, the paper's partial-label 2.5e-4); ``epochs``,
     ``quench_epochs`` and ``lr`` apply to the paper recipe only; ``score_rounds``: score
     the test split after every round (False: the last only).
     """
@@ -68,7 +73,7 @@ class ActiveSpec:
     query: str = "least-confidence"
     rounds: int = 5
     threshold: float = 0.9
-    pseudo: str = "hard"
+    pseudo: str = "soft"
     recipe: str = "tuned"
     epochs: int = 100
     quench_epochs: int = 10
@@ -202,7 +207,7 @@ def run_active(store: Any, spec: ActiveSpec | None = None) -> ActiveResult:
     from credanno.eval.data import open_eval_data
 
     spec = spec or ActiveSpec()
-    _kind_check(store, spec.kind)
+    check_store_kind(store, spec.kind)
     with open_eval_data(store, spec.kind) as data:
         return run_active_arrays(data.train_x, data.train_table, data.test_x,
                                  data.test_table, data.labels, spec,
@@ -210,7 +215,7 @@ def run_active(store: Any, spec: ActiveSpec | None = None) -> ActiveResult:
                                              "kind": data.kind})
 
 
-def _kind_check(store: Any, kind: str) -> None:
+def check_store_kind(store: Any, kind: str) -> None:
     """A store without the feature set asked for: one line naming the sets it has."""
     from credanno.eval.data import _open
 
@@ -225,11 +230,23 @@ def _kind_check(store: Any, kind: str) -> None:
             s.close()
 
 
+class ActiveSeed(NamedTuple):
+    """A seed set already picked and its heads already fitted (e.g. many runs' seed sets
+    fitted as one batch by :func:`credanno.eval.estimator.fit_many`): ``rows`` (training
+    positions), ``model`` (a fitted :class:`~credanno.eval.estimator.JointLinearProbe`
+    with the run's recipe)."""
+
+    rows: np.ndarray
+    model: Any
+
+
 def run_active_arrays(train_x: np.ndarray, train_table: pd.DataFrame, test_x: np.ndarray,
                       test_table: pd.DataFrame, labels: list[str], spec: ActiveSpec,
-                      provenance: dict[str, Any] | None = None) -> ActiveResult:
+                      provenance: dict[str, Any] | None = None,
+                      seed: ActiveSeed | None = None) -> ActiveResult:
     """:func:`run_active` on arrays: training features and table (rows in order), test
-    features and table, the label columns (malignancy first)."""
+    features and table, the label columns (malignancy first); ``seed``: the seed set and
+    its fitted heads, instead of picking it by ``spec.strategy`` and fitting them."""
     if labels[0] != "malignancy":
         raise CredannoError("the cRedAnno+ loop needs malignancy labels; the store has none")
     from dataclasses import replace
@@ -242,13 +259,20 @@ def run_active_arrays(train_x: np.ndarray, train_table: pd.DataFrame, test_x: np
     oracle = _Oracle(train_table[labels].to_numpy().astype(np.int64))
     train_x = np.asarray(train_x, dtype=np.float32)
     loop = _Loop(train_x, train_table, oracle, labels, spec)
-    loop.seed(n_start)
+    if seed is None:
+        loop.seed(n_start)
+    elif len(seed.rows) != n_start:
+        raise CredannoError(f"a seed set of {len(seed.rows)} images for --start "
+                            f"{spec.start:g} ({n_start} images)")
+    else:
+        loop.seed_with(seed)
     rounds, accs = [], []
     steps = [n_start, *schedule(n_start, n_budget, spec.rounds)]
     for r, target in enumerate(steps):
         t0 = time.perf_counter()
         queried = 0 if r == 0 else loop.query(target - len(loop.labelled))
-        loop.fit(spec.epochs if r == 0 else spec.quench_epochs, with_pseudo=r > 0)
+        if r > 0 or seed is None:
+            loop.fit(spec.epochs if r == 0 else spec.quench_epochs, with_pseudo=r > 0)
         n_pseudo, pseudo_acc = loop.refresh_pseudo()
         rounds.append({"round": r, "n_labelled": len(loop.labelled),
                        "budget_frac": len(loop.labelled) / len(train_x),
@@ -258,7 +282,7 @@ def run_active_arrays(train_x: np.ndarray, train_table: pd.DataFrame, test_x: np
             accs += _test_accuracy(loop.model, test_x, test_table, labels, r)
     params = {"command": "credanno active", **asdict(spec), "n_train": len(train_x),
               "n_start": n_start, "n_budget": n_budget, "n_test": len(test_x),
-              "pseudo_labels": spec.pseudo, "model_selection": "none (last epoch)",
+              "pseudo_labels": spec.pseudo, "model_selection": _selection_record(spec.recipe),
               "seconds": round(time.perf_counter() - started, 3), **(provenance or {})}
     pseudo = pd.DataFrame({"row": loop.pseudo_rows,
                            "malignancy": loop.pseudo_y[:, 0] if len(loop.pseudo_rows)
@@ -285,19 +309,10 @@ class _Loop:
 
     def _pick(self, name: str, n: int) -> np.ndarray:
         """``n`` new rows by a label-free registry strategy complementing the labelled."""
-        from credanno.eval.strategies import (
-            Selection,
-            SubsetContext,
-            _LazyFeatures,
-            get_strategy,
-            label_free,
-        )
+        from credanno.eval.strategies import pick
 
-        ctx = SubsetContext(label_free(self.table), n, self.spec.seed, None, n, "annotation",
-                            None, _LazyFeatures(self.x), labelled=self.labelled,
-                            device=self.spec.device)
-        sel = get_strategy(name).select(ctx)
-        rows = np.asarray(sel.rows if isinstance(sel, Selection) else sel, dtype=np.int64)
+        rows = pick(name, self.table, self.x, n, self.spec.seed, labelled=self.labelled,
+                    device=self.spec.device).rows
         if len(rows) != n or np.isin(rows, self.labelled).any():
             raise CredannoError(f"strategy {name!r} returned {len(rows)} rows for {n} "
                                 "unlabelled images")
@@ -309,6 +324,11 @@ class _Loop:
 
     def seed(self, n: int) -> None:
         self._request(self._pick(self.spec.strategy, n))
+
+    def seed_with(self, seed: ActiveSeed) -> None:
+        """Start from a seed set picked and fitted elsewhere."""
+        self._request(np.asarray(seed.rows, dtype=np.int64))
+        self.model = seed.model
 
     def query(self, n: int) -> int:
         """Request ``n`` more true labels by the query rule; returns ``n``."""
@@ -343,9 +363,21 @@ class _Loop:
         from credanno.eval.specs import PaperRecipe
 
         paper = PaperRecipe(epochs=epochs, lr=self.spec.lr)  # unused by the tuned recipe
+        rest = np.setdiff1d(np.arange(len(self.x)), rows)  # scaled as the whole split
+        # tuned rounds: quenched from the previous heads (their penalties, chosen on true
+        # labels only; a short refit); the paper recipe retrains from scratch for `epochs`
+        init = self.model if with_pseudo and self.spec.recipe == "tuned" else None
         self.model = JointLinearProbe(recipe=self.spec.recipe, paper=paper, seed=self.spec.seed,
                                       device=self.spec.device).fit(
-            self.x[rows], Y, soft=soft)
+            self.x[rows], Y, groups=self._nodules(rows), soft=soft, unlabelled=self.x[rest],
+            init=init)
+
+    def _nodules(self, rows: np.ndarray) -> np.ndarray | None:
+        """The rows' nodules: the tuned recipe's CV folds then keep whole nodules (as
+        ``credanno probe``), so a nodule's other readings never score its own fit."""
+        if "nodule_id" not in self.table:
+            return None
+        return self.table["nodule_id"].to_numpy()[rows]
 
     def refresh_pseudo(self) -> tuple[int, float]:
         """Pseudo-label the unlabelled images the heads are confident about; returns their
@@ -371,6 +403,14 @@ class _Loop:
         return len(rows), acc
 
 
+def _selection_record(recipe: str) -> str:
+    """What the run selected a model on (recorded in ``params``): never the test split."""
+    if recipe == "paper":
+        return "none (last epoch)"
+    return ("L2 penalty per head by CV inside the seed set's labelled images; rounds "
+            "quenched at those penalties")
+
+
 def _scatter(p: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
     """(n, C) with ``p`` at ``rows`` and zeros elsewhere."""
     out = np.zeros((n, p.shape[1]), p.dtype)
@@ -385,13 +425,15 @@ def _test_accuracy(model: Any, test_x: np.ndarray, test_table: pd.DataFrame,
     from credanno.eval.metrics import accuracy, baseline_accuracy
     from credanno.labels import label_spec
 
-    probs = model.predict_proba(np.asarray(test_x, dtype=np.float32))
+    # the decision `credanno probe` scores (tuned: the class the metric most likely
+    # counts correct, among those the labelled rows hold)
+    preds = model.decide(np.asarray(test_x, dtype=np.float32))
     out = []
     for i, name in enumerate(labels):
         spec = label_spec(name)
         true = test_table[name].to_numpy().astype(np.int64)
         ok = true >= 0
-        pred = probs[i].argmax(axis=1)
+        pred = preds[:, i]
         out.append({"round": r, "label": name,
                     "acc": accuracy(pred[ok], true[ok], spec.tolerance),
                     "baseline": baseline_accuracy(true[ok], spec.n_classes, spec.tolerance),

@@ -14,6 +14,7 @@ from sklearn.utils.validation import check_is_fitted
 from credanno.errors import CredannoError
 from credanno.eval.probe import (
     HeadLayout,
+    HeadParams,
     ProbeRun,
     _predict_heads,
     split_validation,
@@ -89,13 +90,23 @@ class JointLinearProbe(BaseEstimator):
 
     def fit(self, X: np.ndarray, Y, views: np.ndarray | None = None,
             groups: np.ndarray | None = None,
-            soft: Sequence[np.ndarray | None] | np.ndarray | None = None) -> JointLinearProbe:
+            soft: Sequence[np.ndarray | None] | np.ndarray | None = None,
+            unlabelled: np.ndarray | None = None,
+            init: JointLinearProbe | None = None) -> JointLinearProbe:
         """Train on all rows of ``X`` (n, D) (paper recipe with ``select="val"``: hold out
         ``val_frac``; tuned: CV folds keep whole ``groups``, e.g. nodules, when given).
 
         ``soft``: class-probability targets (e.g. soft pseudo-labels) instead of the labels,
         one entry per label column: an (n, C_l) array (rows of NaN: use the label) or None
         (that label's hard labels only); for a 1-D target, one (n, C) array.
+        ``unlabelled``: features (u, D) of the other training images, whose labels are not
+        used: with ``standardize``, the features are scaled by the mean and sd of ``X`` and
+        ``unlabelled`` together, i.e. of the whole training split as ``credanno probe``
+        does (statistics of a few labelled rows alone are noisy and make few-label fits
+        worse). They never enter the loss.
+        ``init`` (tuned recipe): a fitted tuned probe of the same labels to *quench* from,
+        cRedAnno+'s short retraining (:func:`credanno.eval.tuned.quench_tuned`): its
+        penalties, no cross-validation, a few L-BFGS iterations from its weights.
         """
         if soft is not None and not isinstance(soft, (list, tuple)):
             soft = [soft]  # a 1-D target's one array
@@ -109,7 +120,9 @@ class JointLinearProbe(BaseEstimator):
             rows, val = split_validation(rows, paper.val_frac, self.seed)
         if soft is not None:
             soft = layout.to_columns(list(soft), len(X))
-        run = ProbeRun(rows, paper.lr, self.seed, val, groups)
+        if unlabelled is not None:  # rows after X's: statistics only (label -1, no target)
+            X, Yarr, soft = _with_unlabelled(X, Yarr, soft, unlabelled)
+        run = ProbeRun(rows, paper.lr, self.seed, val, groups, self._init_heads(init))
         self.heads_ = train_joint_heads(X, Yarr, layout, [run], spec, views=views, soft=soft)
         self.layout_, self.single_output_ = layout, single
         self.classes_ = [np.arange(c) for c in layout.n_classes]
@@ -125,6 +138,33 @@ class JointLinearProbe(BaseEstimator):
             probs = [p[0].cpu().numpy() for p in _predict_heads(self.heads_, Xt)]
         return probs[0] if self.single_output_ else probs
 
+    def _init_heads(self, init: JointLinearProbe | None):
+        """The tuned heads of ``init`` to quench from (None: a cross-validated fit)."""
+        if init is None:
+            return None
+        check_is_fitted(init, "heads_")
+        if self.recipe != "tuned" or init.heads_.tuned is None:
+            raise CredannoError("quenching (init=) needs the tuned recipe on both probes")
+        return init.heads_.tuned[0]
+
+    def decide(self, X: np.ndarray) -> np.ndarray:
+        """The classes the paper's metric most likely scores correct, (n, L) (or (n,) for a
+        1-D target): with the tuned recipe, per label ``argmax_c P(|y - c| <= tol)`` among
+        the classes its labelled rows hold (:func:`credanno.eval.tuned.decide`; ``tol`` 1
+        for a rated attribute, 0 otherwise), what ``credanno probe`` scores; with the paper
+        recipe, the most probable class (:meth:`predict`)."""
+        if self.recipe == "paper":
+            return self.predict(X)
+        from credanno.eval.tuned import decide
+
+        probs = self.predict_proba(X)
+        probs = [probs] if self.single_output_ else probs
+        lay = self.layout_
+        mask = self.heads_.mask[0].cpu().numpy()
+        out = [decide(p, _tolerance(name), mask[lay.columns(i)] == 0)
+               for i, (name, p) in enumerate(zip(lay.names, probs, strict=True))]
+        return out[0] if self.single_output_ else np.stack(out, axis=1)
+
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Predicted classes: (n,) for a 1-D target, else (n, L) in the columns' order."""
         probs = self.predict_proba(X)
@@ -138,3 +178,62 @@ class JointLinearProbe(BaseEstimator):
         pred = self.predict(X).reshape(len(X), -1)
         ok = Yarr >= 0
         return float((pred[ok] == Yarr[ok]).mean())
+
+
+def _tolerance(name: str) -> int:
+    """The paper metric's tolerance of a label column (0 for a column of no LIDC name)."""
+    return label_spec(name).tolerance if name in LABEL_NAMES else 0
+
+
+def _with_unlabelled(X: np.ndarray, Y: np.ndarray, soft: np.ndarray | None,
+                     unlabelled: np.ndarray) -> tuple:
+    """``X`` with the unlabelled rows appended (labels -1, soft rows NaN)."""
+    U = require_finite(np.asarray(unlabelled, dtype=np.float32), "unlabelled features")
+    if U.ndim != 2 or U.shape[1] != X.shape[1]:
+        raise CredannoError(f"unlabelled features of shape {U.shape}; expected (u, "
+                            f"{X.shape[1]}) like X")
+    Y = np.concatenate([Y, np.full((len(U), Y.shape[1]), -1, Y.dtype)])
+    if soft is not None:
+        soft = np.concatenate([soft, np.full((len(U), soft.shape[1]), np.nan, soft.dtype)])
+    return np.concatenate([X, U]), Y, soft
+
+
+def fit_many(probe: JointLinearProbe, X: np.ndarray, Y: pd.DataFrame,
+             subsets: Sequence[np.ndarray], groups: np.ndarray | None = None
+             ) -> list[JointLinearProbe]:
+    """``probe`` (unfitted; its parameters) fitted on each training subset, as one batched
+    sweep: ``X`` (n, D) every training image's features (the scaling statistics, as
+    ``fit(..., unlabelled=)``), ``Y`` their label columns (only the subsets' rows are
+    read), ``subsets`` arrays of row positions, ``groups`` (n,) the rows' nodules (CV
+    folds). Identical subsets are fitted once and subsets of equal size together (tuned
+    recipe), or with equal steps per epoch (paper recipe); each result equals
+    ``clone(probe).fit(X[rows], Y.iloc[rows], groups=groups[rows], unlabelled=X[rest])``."""
+    from dataclasses import replace as dc_replace
+
+    from sklearn.base import clone
+
+    Yarr, layout, single = probe._layout(Y, None)
+    X = require_finite(np.asarray(X, dtype=np.float32), "features")
+    paper = probe._paper()
+    runs = []
+    for rows in subsets:
+        rows = np.asarray(rows, dtype=np.int64)
+        val = None
+        if probe.recipe == "paper" and paper.select == "val":
+            rows, val = split_validation(rows, paper.val_frac, probe.seed)
+        runs.append(ProbeRun(rows, paper.lr, probe.seed, val,
+                             None if groups is None else np.asarray(groups)[rows]))
+    heads = train_joint_heads(X, Yarr, layout, runs, probe._spec())
+    out = []
+    for c in range(len(runs)):
+        est = clone(probe)
+        one = slice(c, c + 1)
+        est.heads_ = dc_replace(
+            heads, exp=HeadParams(*(None if v is None else v[one] for v in heads.exp)),
+            cls=HeadParams(*(None if v is None else v[one] for v in heads.cls)),
+            mask=None if heads.mask is None else heads.mask[one],
+            tuned=None if heads.tuned is None else [heads.tuned[c]])
+        est.layout_, est.single_output_ = layout, single
+        est.classes_ = [np.arange(k) for k in layout.n_classes]
+        out.append(est)
+    return out

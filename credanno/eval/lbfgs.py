@@ -253,17 +253,25 @@ def _compact(state: _State, idx, out, hist: _History, make_fg):
 
 
 def batch_lbfgs(make_fg, x, max_iter: int, history: int = 10, tol_grad: float = 1e-5,
-                tol_change: float = 1e-8):
+                tol_change: float = 1e-8, skip=None):
     """Minimise the independent problems in the rows of x (nb, N) from x, each exactly as
     ``torch.optim.LBFGS(lr=1, max_iter=max_iter, history_size=history, tolerance_grad=
     tol_grad, tolerance_change=tol_change, line_search_fn="strong_wolfe").step`` would
     alone. ``make_fg(idx)``: the function x -> (losses (n,), gradients (n, N)) of the
     problems ``idx`` (a tensor of row indices; None: all). Once a problem is done, goes on
-    with the others only. Returns the minimisers (nb, N)."""
+    with the others only. ``skip`` (nb,) bool: problems left at x, never evaluated.
+    Returns the minimisers (nb, N)."""
     import torch
 
     max_eval = max_iter * 5 // 4
-    out, idx, fg = x.clone(), torch.arange(len(x), device=x.device), make_fg(None)
+    out, idx = x.clone(), torch.arange(len(x), device=x.device)
+    if skip is not None and bool(skip.any()):
+        idx = idx[~skip]
+        if not len(idx):
+            return out
+        x, fg = x[idx], make_fg(idx)
+    else:
+        fg = make_fg(None)
     f, g = fg(x)
     st = _State(x, f, g, torch.ones_like(f, dtype=torch.long), g.abs().amax(-1) > tol_grad)
     hist = _History(x, history)

@@ -149,6 +149,9 @@ class ProbeRun(NamedTuple):
     seed: int = 0
     val_rows: np.ndarray | None = None
     groups: np.ndarray | None = None  # the rows' nodules: the tuned recipe's CV folds
+    #: tuned recipe: heads (:class:`~credanno.eval.tuned.TunedHeads`) to quench from
+    #: (:func:`~credanno.eval.tuned.quench_tuned`) instead of a cross-validated fit
+    init: Any = None
 
 
 @dataclass
@@ -168,6 +171,7 @@ class JointHeads:
     mean: Any = None
     scale: Any = None
     mask: Any = None
+    tuned: list | None = None  # tuned recipe: each configuration's TunedHeads
 
 
 def _forward(params, X, layout: HeadLayout):
@@ -277,7 +281,7 @@ def _train_tuned(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[Pr
     (:func:`~credanno.eval.tuned.fit_tuned_configs`)."""
     import torch
 
-    from credanno.eval.tuned import fit_tuned_configs
+    from credanno.eval.tuned import fit_tuned_configs, quench_tuned
 
     dev = torch.device(spec.device)
     n = len(X)
@@ -287,14 +291,19 @@ def _train_tuned(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[Pr
         raise CredannoError(f"soft targets of shape {np.shape(soft)}, expected "
                             f"({n}, {layout.width}) (see HeadLayout.to_columns)")
     soft = None if soft is None else np.asarray(soft, dtype=np.float64)
-    keys, todo = [], {}  # todo: distinct subset -> (rows, groups, soft rows)
-    for r in runs:
+    keys, todo, done = [], {}, {}  # todo: distinct subset -> (rows, groups, soft rows)
+    for i, r in enumerate(runs):
         rows = np.asarray(r.rows, dtype=np.int64)
         if len(rows) == 0:
             raise CredannoError("a configuration has no labelled training rows; use a larger "
                                 "--frac")
         groups = None if r.groups is None else np.asarray(r.groups)
         q = None if soft is None else soft[rows]
+        if r.init is not None:  # quenched from given heads: its own short fit
+            keys.append(("init", i))
+            done[keys[-1]] = quench_tuned(f.X[torch.as_tensor(rows, device=dev)], Y[rows],
+                                          layout, r.init, q)
+            continue
         key = (rows.tobytes(), None if groups is None else groups.tobytes(),
                None if q is None else q.tobytes())
         keys.append(key)
@@ -306,13 +315,11 @@ def _train_tuned(X: np.ndarray, Y: np.ndarray, layout: HeadLayout, runs: list[Pr
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(todo), desc="probes (tuned)", unit="configuration")
-    done = {}
     for group in by_size.values():
         rows, groups, qs = zip(*(todo[k] for k in group), strict=True)
+        # float32: on the phantom's teacher and raw-pixel stores float64 gave the same
+        # accuracies at every label fraction, at twice the time (benchmarks/budget_speed.py)
         Xs = [f.X[torch.as_tensor(r, device=dev)] for r in rows]
-        # float64 where it is cheap (small subsets): L-BFGS then converges tightly
-        if Xs[0].numel() <= 1_000_000 and dev.type == "cpu":
-            Xs = [x.double() for x in Xs]
         fits = fit_tuned_configs(Xs, [Y[r] for r in rows], layout, list(groups), spec.Cs,
                                  spec.cv_folds, soft_list=list(qs))
         done.update(zip(group, fits, strict=True))
@@ -336,7 +343,7 @@ def _stack_tuned(fits: list, layout: HeadLayout, f: _Features, dev) -> JointHead
     params = HeadParams(stack(0), stack(1), Wz)
     mean = None if f.mean is None else torch.from_numpy(f.mean).to(dev)
     scale = None if f.scale is None else torch.from_numpy(f.scale).to(dev)
-    return JointHeads(layout, params, params, mean, scale, mask)
+    return JointHeads(layout, params, params, mean, scale, mask, tuned=list(fits))
 
 
 #: the probe recipes (``ProbeSpec.recipe``, ``credanno probe --recipe``): name -> trainer

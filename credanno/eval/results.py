@@ -57,6 +57,11 @@ class EvalResult:
     _predictions: pd.DataFrame | None = field(default=None, repr=False)
 
     @property
+    def configs(self) -> list[ConfigPredictions]:
+        """Each configuration's test predictions and probabilities, in sweep order."""
+        return list(self._configs)
+
+    @property
     def predictions(self) -> pd.DataFrame:
         """One row per (configuration, test image): ids, and per label ``<label>_true``,
         ``<label>_pred`` and the class probabilities ``<label>_p<c>``."""

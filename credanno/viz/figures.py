@@ -228,15 +228,20 @@ def annotation_reduction_figure(curves: pd.DataFrame,
     return fig
 
 
-def budget_figure(curves: pd.DataFrame, title: str = "", caption: str = "") -> Figure:
+def budget_figure(curves: pd.DataFrame, title: str = "", caption: str = "",
+                  baseline: float | None = None) -> Figure:
     """Accuracy (%) against the labelling budget on a log axis, one line per selection
     strategy with a +/- 1 sd band over seeds (``credanno bench budget``, a generalised
     Fig. 4 after cRedAnno+, Lu et al., ISBI 2023).
 
-    ``curves``: columns ``strategy, frac, mean, sd`` (accuracy fractions).
+    ``curves``: columns ``strategy, frac, mean, sd`` (accuracy fractions); ``baseline``:
+    the constant guess's accuracy (a fraction), drawn dotted.
     """
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
+    if baseline is not None:
+        ax.axhline(100 * baseline, color="#777777", linestyle=":", linewidth=1.2,
+                   label="constant")
     # random, the paper's draw, dashed: every other line is a label-free pick
     _band_curves(ax, curves, "strategy", 0.15, dashed="random")
     _finish_budget_axes(fig, ax, sorted(set(curves["frac"].round(6))),

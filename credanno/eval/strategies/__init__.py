@@ -149,6 +149,21 @@ def label_free(table: pd.DataFrame) -> pd.DataFrame:
     return table.drop(columns=[c for c in LABEL_COLUMNS if c in table.columns])
 
 
+def pick(name: str, table: pd.DataFrame, features: Features, budget: int, seed: int, *,
+         labelled: np.ndarray | None = None, device: str | None = None) -> Selection:
+    """``budget`` training images (one by one) picked by strategy ``name`` from ``table``
+    (the training rows; a label-free strategy gets it without label columns) and
+    ``features`` (an array or a function returning one, read if the strategy asks),
+    complementing the rows ``labelled``; the answer checked and sorted
+    (:func:`check_selection`)."""
+    strat = get_strategy(name)
+    ctx = SubsetContext(table if strat.reads_labels else label_free(table), budget, seed,
+                        None, budget, "annotation", None, _LazyFeatures(features),
+                        labelled=np.zeros(0, np.int64) if labelled is None else labelled,
+                        device=device)
+    return check_selection(strat.select(ctx), len(table), name)
+
+
 def check_selection(picked: np.ndarray | Selection, n_rows: int, name: str) -> Selection:
     """A strategy's answer as sorted unique in-range rows (groups kept aligned)."""
     sel = picked if isinstance(picked, Selection) else Selection(np.asarray(picked))
