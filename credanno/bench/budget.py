@@ -184,10 +184,7 @@ def _data_text(data: Any) -> str:
     """One line naming the data the store was computed from (phantom, LIDC, ...)."""
     from credanno.viz.source import describe_source
 
-    try:
-        return describe_source(data.provenance, data.paths.get("train")).text
-    except CredannoError:  # a store whose source cannot be told: say so, do not fail
-        return "unknown source"
+    return describe_source(data.provenance, data.paths.get("train")).text
 
 
 class _Cell(NamedTuple):

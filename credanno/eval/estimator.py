@@ -16,6 +16,7 @@ from credanno.eval.probe import (
     HeadLayout,
     HeadParams,
     ProbeRun,
+    _decisions,
     _predict_heads,
     split_validation,
     train_joint_heads,
@@ -112,19 +113,25 @@ class JointLinearProbe(BaseEstimator):
             soft = [soft]  # a 1-D target's one array
         Yarr, layout, single = self._layout(Y, None if soft is None else list(soft))
         X = require_finite(np.asarray(X, dtype=np.float32), "features")
-        spec = self._spec()
-        rows = np.arange(len(X))
-        val = None
-        paper = self._paper()
-        if self.recipe == "paper" and paper.select == "val":
-            rows, val = split_validation(rows, paper.val_frac, self.seed)
         if soft is not None:
             soft = layout.to_columns(list(soft), len(X))
+        run = self._run(np.arange(len(X)), groups, self._init_heads(init))
         if unlabelled is not None:  # rows after X's: statistics only (label -1, no target)
             X, Yarr, soft = _with_unlabelled(X, Yarr, soft, unlabelled)
-        run = ProbeRun(rows, paper.lr, self.seed, val, groups, self._init_heads(init))
-        self.heads_ = train_joint_heads(X, Yarr, layout, [run], spec, views=views, soft=soft)
-        self.layout_, self.single_output_ = layout, single
+        heads = train_joint_heads(X, Yarr, layout, [run], self._spec(), views=views, soft=soft)
+        return self._fitted(heads, layout, single)
+
+    def _run(self, rows: np.ndarray, groups: np.ndarray | None, init=None) -> ProbeRun:
+        """The training run of ``rows`` (paper recipe with ``select="val"``: its
+        validation part carved out)."""
+        paper, val = self._paper(), None
+        if self.recipe == "paper" and paper.select == "val":
+            rows, val = split_validation(rows, paper.val_frac, self.seed)
+        return ProbeRun(rows, paper.lr, self.seed, val, groups, init)
+
+    def _fitted(self, heads, layout: HeadLayout, single: bool) -> JointLinearProbe:
+        """Set the fitted state from one configuration's ``heads``."""
+        self.heads_, self.layout_, self.single_output_ = heads, layout, single
         self.classes_ = [np.arange(c) for c in layout.n_classes]
         return self
 
@@ -153,16 +160,11 @@ class JointLinearProbe(BaseEstimator):
         the classes its labelled rows hold (:func:`credanno.eval.tuned.decide`; ``tol`` 1
         for a rated attribute, 0 otherwise), what ``credanno probe`` scores; with the paper
         recipe, the most probable class (:meth:`predict`)."""
-        if self.recipe == "paper":
-            return self.predict(X)
-        from credanno.eval.tuned import decide
-
         probs = self.predict_proba(X)
         probs = [probs] if self.single_output_ else probs
-        lay = self.layout_
-        mask = self.heads_.mask[0].cpu().numpy()
-        out = [decide(p, _tolerance(name), mask[lay.columns(i)] == 0)
-               for i, (name, p) in enumerate(zip(lay.names, probs, strict=True))]
+        out = _decisions(dict(zip(self.layout_.names, probs, strict=True)), self.heads_, 0,
+                         self.recipe)
+        out = [out[name] for name in self.layout_.names]
         return out[0] if self.single_output_ else np.stack(out, axis=1)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
@@ -178,11 +180,6 @@ class JointLinearProbe(BaseEstimator):
         pred = self.predict(X).reshape(len(X), -1)
         ok = Yarr >= 0
         return float((pred[ok] == Yarr[ok]).mean())
-
-
-def _tolerance(name: str) -> int:
-    """The paper metric's tolerance of a label column (0 for a column of no LIDC name)."""
-    return label_spec(name).tolerance if name in LABEL_NAMES else 0
 
 
 def _with_unlabelled(X: np.ndarray, Y: np.ndarray, soft: np.ndarray | None,
@@ -214,26 +211,17 @@ def fit_many(probe: JointLinearProbe, X: np.ndarray, Y: pd.DataFrame,
 
     Yarr, layout, single = probe._layout(Y, None)
     X = require_finite(np.asarray(X, dtype=np.float32), "features")
-    paper = probe._paper()
-    runs = []
-    for rows in subsets:
-        rows = np.asarray(rows, dtype=np.int64)
-        val = None
-        if probe.recipe == "paper" and paper.select == "val":
-            rows, val = split_validation(rows, paper.val_frac, probe.seed)
-        runs.append(ProbeRun(rows, paper.lr, probe.seed, val,
-                             None if groups is None else np.asarray(groups)[rows]))
+    runs = [probe._run(np.asarray(rows, dtype=np.int64),
+                       None if groups is None else np.asarray(groups)[rows])
+            for rows in subsets]
     heads = train_joint_heads(X, Yarr, layout, runs, probe._spec())
     out = []
     for c in range(len(runs)):
-        est = clone(probe)
         one = slice(c, c + 1)
-        est.heads_ = dc_replace(
+        mine = dc_replace(
             heads, exp=HeadParams(*(None if v is None else v[one] for v in heads.exp)),
             cls=HeadParams(*(None if v is None else v[one] for v in heads.cls)),
             mask=None if heads.mask is None else heads.mask[one],
             tuned=None if heads.tuned is None else [heads.tuned[c]])
-        est.layout_, est.single_output_ = layout, single
-        est.classes_ = [np.arange(k) for k in layout.n_classes]
-        out.append(est)
+        out.append(clone(probe)._fitted(mine, layout, single))
     return out

@@ -465,9 +465,17 @@ def _decisions(proba: dict[str, np.ndarray], heads: JointHeads, c: int,
     from credanno.eval.tuned import decide
 
     mask = heads.mask[c].cpu().numpy()
-    return {name: decide(p, label_spec(name).tolerance,
+    return {name: decide(p, _tolerance(name),
                          mask[heads.layout.columns(heads.layout.names.index(name))] == 0)
             for name, p in proba.items()}
+
+
+def _tolerance(name: str) -> int:
+    """The paper metric's tolerance of a label column (0 for a column of no LIDC name,
+    e.g. an estimator's numbered columns)."""
+    from credanno.labels import LABEL_NAMES
+
+    return label_spec(name).tolerance if name in LABEL_NAMES else 0
 
 
 def _recipe_record(probe: ProbeSpec, runs: list[ProbeRun]) -> dict:
